@@ -1,0 +1,49 @@
+# Every target that needs Python depends on the virtual environment: a fresh clone needs nothing else.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DELETE_ON_ERROR:
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-builtin-rules
+
+PYTHON_BASE ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STUDY ?= studies/cifar2.toml
+TRIALS ?=
+EPOCHS ?=
+PORT ?= 5000
+OVERRIDES := $(if $(TRIALS),--trials $(TRIALS)) $(if $(EPOCHS),--epochs $(EPOCHS))
+
+.PHONY: help venv demo study ui test lint clean
+
+help: ## show this help
+	@grep -hE '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  variables: STUDY=$(STUDY) TRIALS= EPOCHS= PORT=$(PORT)"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON_BASE) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed ## create the virtual environment (other targets do this for you)
+
+demo: $(VENV)/.installed ## run the offline demo study (synthetic 2-D ground truth, a few minutes)
+	$(PY) -m pipeline study studies/demo.toml $(OVERRIDES)
+
+study: $(VENV)/.installed ## run or resume STUDY (default studies/cifar2.toml); TRIALS=N EPOCHS=N override
+	$(PY) -m pipeline study $(STUDY) $(OVERRIDES)
+
+ui: $(VENV)/.installed ## open the MLflow UI over this project's runs on 127.0.0.1 (PORT=5000)
+	@mkdir -p mlruns
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port $(PORT)
+
+test: $(VENV)/.installed ## run the test suite
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed ## ruff lint
+	$(VENV)/bin/ruff check pipeline tests
+
+clean: ## remove generated reports, runs and study storage (keeps data/ and the venv)
+	rm -rf reports mlruns storage .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""An MLflow-tracked Optuna study pipeline: split, train (hand-written SGD), validate, test, bound."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,375 @@
+"""Study edge: drives Optuna over the TOML's search space; each trial runs every stage.
+
+Trial flow: suggest → train (hand-written SGD) → validate (the objective) → test → bounds →
+report, all inside one nested MLflow run. The test set is evaluated and logged for every trial
+but never used to choose anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from pipeline import tracking
+from pipeline.config import StudyConfig
+from pipeline.data import Split, load_split
+from pipeline.evaluate import Evaluation, evaluate
+from pipeline.model import build_mlp
+from pipeline.stages import TrialArtifacts, bounds_and_report
+from pipeline.train import DTYPES, Hyper, TrainResult, train
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+DEFAULT_STORAGE_DIR = Path("storage")
+
+
+class StudyError(RuntimeError):
+    """A study that cannot start or resume as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class StudyOutcome:
+    name: str
+    n_complete: int
+    n_pruned: int
+    n_failed: int
+    best_number: int | None
+    best_value: float | None
+    reports: Path
+    parent_run_id: str
+
+
+# ----------------------------------------------------------------------------------------------
+# Storage
+
+
+def storage_spec(cfg: StudyConfig, explicit: str | None = None) -> str:
+    """``--storage``, else $OPTUNA_STORAGE, else the journal file ``storage/<study>.journal``."""
+    return explicit or os.environ.get("OPTUNA_STORAGE") or str(DEFAULT_STORAGE_DIR / f"{cfg.name}.journal")
+
+
+def open_storage(spec: str) -> optuna.storages.BaseStorage:
+    """A database URL (``postgresql+psycopg://…``, ``sqlite:///…``) or a journal file path.
+
+    The journal file is Optuna's recommended storage for several processes on one machine.
+    """
+    if "://" in spec:
+        kwargs: dict[str, Any] = {}
+        if spec.startswith("sqlite"):
+            kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+        else:
+            kwargs.update(heartbeat_interval=30, grace_period=90)
+        try:
+            return optuna.storages.RDBStorage(spec, **kwargs)
+        except Exception as exc:
+            raise StudyError(f"cannot open Optuna storage {_redact(spec)}: {exc}") from None
+    path = Path(spec)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        backend = optuna.storages.journal.JournalFileBackend(str(path))
+    except OSError as exc:
+        raise StudyError(f"cannot open Optuna journal {path}: {exc}") from None
+    return optuna.storages.journal.JournalStorage(backend)
+
+
+def _redact(url: str) -> str:
+    """A database URL with its password replaced, for messages and tags."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+def make_sampler(cfg: StudyConfig, n_existing: int) -> optuna.samplers.BaseSampler:
+    """The TOML's sampler, its seed derived from (seed, trials already in the study).
+
+    A re-created seeded sampler restarts its RNG, so a resumed run would otherwise repeat the
+    first run's suggestions.
+    """
+    seed = cfg.sampler.seed * 100_003 + n_existing
+    if cfg.sampler.kind == "grid":
+        space = {k: list(s.choices if s.kind == "choices" else (s.value,)) for k, s in cfg.search.items()}
+        return optuna.samplers.GridSampler(space, seed=seed)
+    if cfg.sampler.kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, cfg.trials // 3)))
+
+
+def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
+    if cfg.pruner.kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=cfg.pruner.warmup_epochs)
+    if cfg.pruner.kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.training.epochs)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(cfg: StudyConfig, spec: str) -> optuna.Study:
+    """Create the study or resume it, refusing a changed direction or search space."""
+    storage = open_storage(spec)
+    try:
+        study = optuna.load_study(study_name=cfg.name, storage=storage)
+    except KeyError:
+        study = None
+    n_existing = len(study.trials) if study is not None else 0
+    sampler, pruner = make_sampler(cfg, n_existing), make_pruner(cfg)
+    if study is None:
+        try:
+            study = optuna.create_study(
+                study_name=cfg.name, storage=storage, direction=cfg.direction, sampler=sampler,
+                pruner=pruner,
+            )
+            study.set_user_attr("search_space", cfg.search_space_signature())
+        except optuna.exceptions.DuplicatedStudyError:  # another worker won the race
+            study = optuna.load_study(study_name=cfg.name, storage=storage, sampler=sampler, pruner=pruner)
+    else:
+        study = optuna.load_study(study_name=cfg.name, storage=storage, sampler=sampler, pruner=pruner)
+    stored_direction = study.direction.name.lower()
+    if stored_direction != cfg.direction:
+        raise StudyError(
+            f"{cfg.path}: study {cfg.name!r} in {_redact(spec)} was created to {stored_direction} "
+            f"but objective = {cfg.objective!r} asks to {cfg.direction}; use a new --name"
+        )
+    stored = study.user_attrs.get("search_space")
+    if stored is not None and stored != cfg.search_space_signature():
+        raise StudyError(
+            f"{cfg.path}: the search space or objective of study {cfg.name!r} changed since it was "
+            f"created in {_redact(spec)}.\n  stored:  {stored}\n  now:     "
+            f"{cfg.search_space_signature()}\nRun it under a new name (--name) or delete the storage."
+        )
+    return study
+
+
+# ----------------------------------------------------------------------------------------------
+# One trial
+
+
+def suggest(trial: optuna.Trial, cfg: StudyConfig) -> dict[str, Any]:
+    """Every searched key, fixed values included (as one-choice categoricals, so the grid sees them)."""
+    values = {}
+    for key, spec in cfg.search.items():
+        if spec.kind == "range":
+            values[key] = trial.suggest_float(key, spec.low, spec.high, log=spec.log)
+        else:
+            values[key] = trial.suggest_categorical(key, list(spec.choices or (spec.value,)))
+    return values
+
+
+@dataclass
+class TrialContext:
+    cfg: StudyConfig
+    split: Split
+    mlflow: Any
+    experiment_id: str
+    parent_run_id: str
+    reports: Path
+    provenance: dict[str, str]
+    show_epochs: bool = False
+
+
+def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float:
+    cfg = ctx.cfg
+    params = suggest(trial, cfg)
+    hyper = Hyper(params["lr"], params["momentum"], params["weight_decay"])
+    model_cfg = dataclasses.replace(
+        cfg.model,
+        hidden=(params["hidden"],) if "hidden" in params else cfg.model.hidden,
+        activation=params.get("activation", cfg.model.activation),
+    )
+    name = f"trial-{trial.number:04d}"
+    tags = {"optuna_trial": trial.number, "optuna_study": cfg.name, "config_hash": cfg.config_hash(),
+            "split_hash": ctx.split.split_hash, **ctx.provenance}
+    run_id = tracking.trial_run(ctx.mlflow, ctx.experiment_id, ctx.parent_run_id, name, tags)
+    trial.set_user_attr("mlflow_run_id", run_id)
+    resolved = {**cfg.to_dict(), "model": dataclasses.asdict(model_cfg)}
+    resolved.pop("search")
+    tracking.log(ctx.mlflow, run_id, params={**tracking.flatten(resolved), **params},
+                 metrics={"trial_number": trial.number})
+    status = "FAILED"
+    try:
+        value = _trial_body(trial, ctx, run_id, hyper, model_cfg, params)
+        status = "FINISHED"
+        return value
+    except optuna.TrialPruned:
+        status = "FINISHED"
+        raise
+    finally:
+        ctx.mlflow.set_terminated(run_id, status)
+
+
+def _trial_body(trial, ctx: TrialContext, run_id: str, hyper: Hyper, model_cfg, params) -> float:
+    cfg, split = ctx.cfg, ctx.split
+    model = build_mlp(split.input_dim, model_cfg.hidden, model_cfg.activation, cfg.training.seed,
+                      dtype=DTYPES[cfg.training.dtype])
+    buffer = tracking.MetricBuffer(ctx.mlflow, run_id)
+    bar = _progress(cfg.training.epochs, f"trial {trial.number}", ctx.show_epochs, leave=False)
+
+    def on_epoch(record) -> bool:
+        buffer.add(record.metrics(), step=record.epoch)
+        bar.update(1)
+        trial.report(record.val_acc if cfg.objective == "val_acc" else record.val_loss, record.epoch)
+        return trial.should_prune()
+
+    try:
+        result = train(model, split, hyper, cfg.training, on_epoch)
+    finally:
+        buffer.flush()
+        bar.close()
+    if result.diverged_at is not None or result.stopped_at is not None:
+        _prune(trial, ctx, run_id, result)
+    val = evaluate(model, split.x_val, split.y_val, split.classes, cfg.training.loss)
+    test = evaluate(model, split.x_test, split.y_test, split.classes, cfg.training.loss)
+    folder = ctx.reports / f"trial-{trial.number:04d}"
+    artifacts: TrialArtifacts = bounds_and_report(
+        folder=folder, cfg=cfg, split=split, model=model, trial_number=trial.number, params=params,
+        result=result, val=val, test=test, provenance={**ctx.provenance, "run_id": run_id},
+    )
+    final = {"val_acc": val.accuracy, "val_loss": val.loss, "test_acc": test.accuracy,
+             "test_error": test.error, "best_val_acc": result.best_val_acc,
+             "train_seconds": result.seconds, "epochs_run": len(result.history), **artifacts.metrics}
+    tracking.log(ctx.mlflow, run_id, metrics=final, tags={"trial_state": "COMPLETE"})
+    for path in artifacts.files:
+        ctx.mlflow.log_artifact(run_id, str(path))
+    _log_weights(ctx, run_id, model)
+    for key in ("val_acc", "test_error", "test_acc", "epochs_run", "train_seconds"):
+        trial.set_user_attr(key, final[key])
+    for key, value in artifacts.metrics.items():
+        if key.startswith("test_error_clopper_pearson"):
+            trial.set_user_attr(key, value)
+    trial.set_user_attr("report", str(folder / "report.html"))
+    value = val.accuracy if cfg.objective == "val_acc" else val.loss
+    if not math.isfinite(value):  # never hand Optuna a non-finite value: it would record inf
+        _prune(trial, ctx, run_id, dataclasses.replace(result, diverged_at=len(result.history)))
+    return value
+
+
+def _prune(trial, ctx: TrialContext, run_id: str, result: TrainResult) -> None:
+    """Diverged or pruned: keep the partial curves, record the reason, tell Optuna PRUNED."""
+    reason = result.outcome if result.diverged_at is not None else (
+        f"pruned by {ctx.cfg.pruner.kind} pruner after epoch {result.stopped_at}")
+    trial.set_user_attr("reason", reason)
+    trial.set_user_attr("epochs_run", len(result.history))
+    tracking.log(ctx.mlflow, run_id, tags={"trial_state": "PRUNED", "reason": reason},
+                 metrics={"epochs_run": len(result.history)})
+    raise optuna.TrialPruned(reason)
+
+
+def _log_weights(ctx: TrialContext, run_id: str, model: torch.nn.Module) -> None:
+    """The trained state dict as an artifact; load it back with ``torch.load(weights_only=True)``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pt"
+        torch.save(model.state_dict(), path)
+        ctx.mlflow.log_artifact(run_id, str(path))
+
+
+def _progress(total: int, desc: str, enabled: bool, leave: bool = True):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=leave, disable=not enabled, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# The study
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    return {s.name.lower(): states.count(s) for s in (TrialState.COMPLETE, TrialState.PRUNED,
+                                                       TrialState.FAIL, TrialState.RUNNING)}
+
+
+def run_study(
+    cfg: StudyConfig,
+    *,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    reports_root: Path = Path("reports"),
+    progress: bool | None = None,
+) -> StudyOutcome:
+    """Run (or resume) the study until it holds ``cfg.trials`` complete-or-pruned trials."""
+    if progress is None:
+        progress = sys.stderr.isatty()
+    spec = storage_spec(cfg, storage)
+    study = open_study(cfg, spec)
+    split = load_split(cfg.dataset)
+    reports = reports_root / cfg.name
+    reports.mkdir(parents=True, exist_ok=True)
+    mlflow = tracking.client(tracking_uri)
+    exp_id = tracking.experiment_id(mlflow, cfg.name)
+    prov = tracking.provenance()
+    parent = tracking.study_run(mlflow, exp_id, cfg.name, {
+        "config_hash": cfg.config_hash(), "split_hash": split.split_hash, "optuna_storage": _redact(spec),
+        "study_file": cfg.path, **prov})
+    tracking.log(mlflow, parent, params=_study_params(cfg))
+    ctx = TrialContext(cfg, split, mlflow, exp_id, parent, reports, prov,
+                       show_epochs=progress and cfg.training.epochs >= 20)
+    done = sum(counts(study)[k] for k in ("complete", "pruned"))
+    remaining = max(0, cfg.trials - done)
+    bar = _progress(remaining, cfg.name, progress)
+    status = "FAILED"
+    try:
+        if remaining:
+            study.optimize(
+                lambda trial: run_trial(trial, ctx),
+                n_trials=remaining,
+                callbacks=[optuna.study.MaxTrialsCallback(cfg.trials, states=FINISHED),
+                           lambda *_: bar.update(1)],
+            )
+        status = "FINISHED"
+    finally:
+        bar.close()
+        _finish_parent(mlflow, parent, study, status)
+    c = counts(study)
+    best = _best(study)
+    return StudyOutcome(cfg.name, c["complete"], c["pruned"], c["fail"],
+                        best.number if best else None, best.value if best else None, reports, parent)
+
+
+def _study_params(cfg: StudyConfig) -> dict[str, Any]:
+    params = tracking.flatten({k: v for k, v in cfg.to_dict().items() if k != "search"})
+    for key, spec in cfg.to_dict()["search"].items():
+        params[f"search.{key}"] = ", ".join(f"{k}={v}" for k, v in spec.items())
+    return params
+
+
+def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def _finish_parent(mlflow, parent: str, study: optuna.Study, status: str) -> None:
+    c = counts(study)
+    metrics: dict[str, float] = {"n_complete": c["complete"], "n_pruned": c["pruned"], "n_failed": c["fail"]}
+    best = _best(study)
+    if best is not None:
+        metrics["best_val_acc"] = best.user_attrs.get("val_acc", best.value)
+        metrics["best_trial_number"] = best.number
+        for key, value in best.user_attrs.items():
+            if key.startswith("test_error") and isinstance(value, float):
+                metrics[f"selected_{key}"] = value
+    tracking.log(mlflow, parent, metrics=metrics)
+    mlflow.set_terminated(parent, status)
+
+
+def wall_time(fn, *args, **kwargs):
+    started = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - started
+
+
+def trial_seed_rng(cfg: StudyConfig, number: int) -> np.random.Generator:
+    """The bootstrap's generator for one trial, derived from the study seed and trial number."""
+    return np.random.default_rng([cfg.training.seed, number])

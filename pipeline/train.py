@@ -1,0 +1,147 @@
+"""Train stage: seeded mini-batch epochs over in-memory tensors with the hand-written update.
+
+Batches are slices of a seeded permutation of the whole split held as one tensor (no per-sample
+DataLoader), and the loss is summed on-device so there is one host sync per epoch, not per step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import TrainingConfig
+from pipeline.data import Split
+from pipeline.optim import ManualSGD
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """The searched optimizer settings of one trial."""
+
+    lr: float  # step size
+    momentum: float = 0.0  # heavy-ball coefficient in [0, 1)
+    weight_decay: float = 0.0  # L2 coefficient added to the gradient
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int  # 1-based
+    train_loss: float  # mean loss over the epoch's mini-batches (weights moving)
+    train_acc: float
+    val_loss: float
+    val_acc: float
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "train_loss": self.train_loss,
+            "train_acc": self.train_acc,
+            "val_loss": self.val_loss,
+            "val_acc": self.val_acc,
+        }
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    history: tuple[EpochRecord, ...]
+    seconds: float
+    diverged_at: int | None = None  # epoch whose loss was not finite
+    stopped_at: int | None = None  # epoch after which the callback asked to stop (pruning)
+
+    @property
+    def outcome(self) -> str:
+        if self.diverged_at is not None:
+            return f"diverged: non-finite loss at epoch {self.diverged_at}"
+        if self.stopped_at is not None:
+            return f"stopped after epoch {self.stopped_at}"
+        return "completed"
+
+    @property
+    def best_val_acc(self) -> float:
+        finite = [r.val_acc for r in self.history if math.isfinite(r.val_acc)]
+        return max(finite, default=float("nan"))
+
+
+def loss_fn(name: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy, or mean squared error against one-hot targets (the report's MSE)."""
+    if name == "ce":
+        return F.cross_entropy(logits, y)
+    return F.mse_loss(logits, F.one_hot(y, logits.shape[1]).to(logits.dtype))
+
+
+@torch.inference_mode()
+def loss_and_accuracy(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = "ce", chunk: int = 8192
+) -> tuple[float, float]:
+    """Mean loss and accuracy over a whole split, evaluated in chunks to bound memory."""
+    total = torch.zeros((), dtype=torch.float64)
+    correct = torch.zeros((), dtype=torch.long)
+    for start in range(0, len(x), chunk):
+        logits = model(x[start : start + chunk])
+        yb = y[start : start + chunk]
+        total += loss_fn(loss, logits, yb).double() * len(yb)
+        correct += (logits.argmax(1) == yb).sum()
+    return total.item() / len(x), correct.item() / len(x)
+
+
+def train(
+    model: torch.nn.Module,
+    split: Split,
+    hyper: Hyper,
+    config: TrainingConfig,
+    on_epoch: Callable[[EpochRecord], bool | None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place; ``on_epoch`` sees every epoch and may return True to stop."""
+    dtype = DTYPES[config.dtype]
+    model.to(dtype)
+    x, y = split.x_train.to(dtype), split.y_train
+    x_val, y_val = split.x_val.to(dtype), split.y_val
+    n = len(x)
+    batch = config.batch_size or n
+    order_gen = torch.Generator().manual_seed(config.seed + 1)  # batch order, separate from init
+    optimizer = ManualSGD(model.parameters(), hyper.lr, hyper.momentum, hyper.weight_decay)
+    if config.backward == "manual":
+        from pipeline.backprop import set_manual_gradients
+    history: list[EpochRecord] = []
+    started = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        order = torch.randperm(n, generator=order_gen) if config.shuffle else None
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        correct = torch.zeros((), dtype=torch.long)
+        for start in range(0, n, batch):
+            if order is None:
+                xb, yb = x[start : start + batch], y[start : start + batch]
+            else:
+                idx = order[start : start + batch]
+                xb, yb = x.index_select(0, idx), y.index_select(0, idx)
+            optimizer.zero_grad()
+            if config.backward == "manual":
+                loss, logits = set_manual_gradients(model, xb, yb, config.loss)
+            else:
+                logits = model(xb)
+                loss = loss_fn(config.loss, logits, yb)
+                loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach().double() * len(yb)
+            correct += (logits.detach().argmax(1) == yb).sum()
+        train_loss = loss_sum.item() / n  # the one host sync of the epoch
+        model.eval()
+        if not math.isfinite(train_loss):
+            nan = float("nan")
+            history.append(EpochRecord(epoch, train_loss, correct.item() / n, nan, nan))
+            return TrainResult(tuple(history), time.perf_counter() - started, diverged_at=epoch)
+        val_loss, val_acc = loss_and_accuracy(model, x_val, y_val, config.loss)
+        record = EpochRecord(epoch, train_loss, correct.item() / n, val_loss, val_acc)
+        history.append(record)
+        if not math.isfinite(val_loss):
+            return TrainResult(tuple(history), time.perf_counter() - started, diverged_at=epoch)
+        if on_epoch is not None and on_epoch(record):
+            return TrainResult(tuple(history), time.perf_counter() - started, stopped_at=epoch)
+    return TrainResult(tuple(history), time.perf_counter() - started)
