@@ -70,7 +70,7 @@ class Interval:
         return self.high - self.low
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds an array: compare by identity
 class Bootstrap:
     """The BCa interval and the bootstrap distribution of the mean it came from (None if degenerate)."""
 
@@ -78,7 +78,7 @@ class Bootstrap:
     distribution: NDArray[np.float64] | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds an array: compare by identity
 class ErrorBounds:
     """Everything one trial reports about its test error: R_T, all intervals, the bootstrap sample."""
 

@@ -58,7 +58,8 @@ def plot_bounds(
     ax.axvline(empirical_error, color="black", linewidth=1)
     for i, iv in enumerate(shown):
         y = base + i * step
-        ax.hlines(y, iv.low, iv.high, linewidth=2, **_STYLE[iv.guaranteed])
+        # end ticks keep a zero-width interval (Chebyshev at k = 0) visible
+        ax.plot([iv.low, iv.high], [y, y], linewidth=2, marker="|", markersize=8, **_STYLE[iv.guaranteed])
         ax.text(iv.high, y, f" {iv.method}", va="center", fontsize=8)
     ax.set_ylim(0, base + len(shown) * step)
     ax.set_xlabel("test error")
@@ -67,7 +68,7 @@ def plot_bounds(
         Line2D([], [], color="black", linewidth=1, label=f"empirical error R_T = {empirical_error:.4f}")
     ]
     handles += [Line2D([], [], linewidth=2, label=f"{_KIND[g]} interval", **_STYLE[g]) for g in (True, False)]
-    ax.legend(handles=handles, loc="upper left", fontsize=8)
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8)
     _save(fig, path)
 
 

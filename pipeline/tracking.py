@@ -38,6 +38,13 @@ def client(uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri(uri))
 
 
+def artifact_location(uri: str, name: str) -> str | None:
+    """For a SQLite store, artifacts go beside the database (MLflow's default is ./mlruns of the cwd)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts" / name).resolve().as_uri()
+    return None  # a tracking server decides
+
+
 def experiment_id(mlflow: MlflowClient, name: str) -> str:
     """The experiment named after the study, created on first use (never ``Default``)."""
     found = mlflow.get_experiment_by_name(name)
@@ -46,7 +53,7 @@ def experiment_id(mlflow: MlflowClient, name: str) -> str:
             mlflow.restore_experiment(found.experiment_id)
         return found.experiment_id
     try:
-        return mlflow.create_experiment(name)
+        return mlflow.create_experiment(name, artifact_location(mlflow.tracking_uri, name))
     except Exception:  # another worker created it first
         found = mlflow.get_experiment_by_name(name)
         if found is None:

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny synthetic study whose stores and reports live in a temporary folder."""
+
+import logging
+import warnings
+
+import optuna
+import pytest
+
+from pipeline.config import parse_study
+
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+TINY = {
+    "name": "tiny",
+    "trials": 2,
+    "dataset": {"source": "gmm", "n_train": 200, "n_test": 300, "seed": 0},
+    "model": {"hidden": [8], "activation": "tanh"},
+    "training": {"epochs": 3, "batch_size": 32, "seed": 0},
+    "search": {"lr": {"low": 0.01, "high": 0.3, "log": True}, "momentum": {"choices": [0.0, 0.9]}},
+    "bounds": {"fresh_sets": 200},
+}
+
+
+def tiny_study(**changes):
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY.items()}
+    for dotted, value in changes.items():
+        *path, key = dotted.split("__")
+        table = raw
+        for part in path:
+            table = table.setdefault(part, {})
+        table[key] = value
+    return parse_study(raw, "studies/tiny.toml")
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """Storage, tracking store and reports under tmp_path; the environment cannot redirect them."""
+    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return {
+        "storage": str(tmp_path / "storage" / "study.journal"),
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
+        "reports_root": tmp_path / "reports",
+        "root": tmp_path,
+    }
