@@ -19,15 +19,21 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, help="total number of trials (overrides the file)")
     p.add_argument("--epochs", type=int, help="epochs per trial (overrides the file)")
     p.add_argument("--name", help="study name (overrides the file; a new name starts a new study)")
-    p.add_argument("--storage", help="Optuna storage: a database URL or a journal file path "
-                   "(default $OPTUNA_STORAGE, else storage/<name>.journal)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, "
-                   "else sqlite:///mlruns/mlflow.db)")
+    p.add_argument(
+        "--storage",
+        help="Optuna storage: a database URL or a journal file path "
+        "(default $OPTUNA_STORAGE, else storage/<name>.journal)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pipeline", description="MLflow-tracked Optuna hyperparameter studies.")
+        prog="pipeline", description="MLflow-tracked Optuna hyperparameter studies."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("study", help="run or resume a study until it holds its number of trials")
     _study_args(p)
@@ -38,8 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace):
     cfg = load_study(args.study_file)
-    return cfg.with_overrides(trials=getattr(args, "trials", None), epochs=getattr(args, "epochs", None),
-                              name=getattr(args, "name", None))
+    return cfg.with_overrides(
+        trials=getattr(args, "trials", None),
+        epochs=getattr(args, "epochs", None),
+        name=getattr(args, "name", None),
+    )
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -47,8 +56,10 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     outcome = run_study(cfg, storage=args.storage, tracking_uri=args.tracking_uri)
-    print(f"study {outcome.name}: {outcome.n_complete} complete, {outcome.n_pruned} pruned, "
-          f"{outcome.n_failed} failed")
+    print(
+        f"study {outcome.name}: {outcome.n_complete} complete, {outcome.n_pruned} pruned, "
+        f"{outcome.n_failed} failed"
+    )
     if outcome.best_number is not None:
         print(f"best trial {outcome.best_number}: {cfg.objective} = {outcome.best_value:.4f}")
     print(f"reports: {outcome.reports}/")

@@ -20,14 +20,32 @@ from pathlib import Path
 from typing import Any
 
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 FASHION_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
     "Ankle boot",
 )
 GMM_CLASSES = ("class 0", "class 1")
 CLASSES = {"cifar2": CIFAR10_CLASSES, "fashion2": FASHION_CLASSES, "gmm": GMM_CLASSES}
+DEFAULT_CLASSES = {"cifar2": ("airplane", "bird"), "fashion2": ("T-shirt/top", "Shirt"), "gmm": GMM_CLASSES}
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]*")
 OBJECTIVES = {"val_acc": "maximize", "val_loss": "minimize"}
 SEARCHABLE = ("lr", "momentum", "weight_decay", "hidden", "activation")
@@ -153,9 +171,7 @@ class StudyConfig:
 
     def search_space_signature(self) -> str:
         """Canonical JSON of the search space and objective: a resumed study must match it."""
-        return json.dumps(
-            {"search": self.to_dict()["search"], "objective": self.objective}, sort_keys=True
-        )
+        return json.dumps({"search": self.to_dict()["search"], "objective": self.objective}, sort_keys=True)
 
     def with_overrides(self, **changes: Any) -> StudyConfig:
         """A copy with command-line overrides (``trials``, ``epochs``, ``name``) applied."""
@@ -206,9 +222,7 @@ def parse_study(raw: dict[str, Any], where: str = "<study>") -> StudyConfig:
     top_level = {"name", "trials", "objective", "description", "search", *sections}
     for key in raw:
         if key not in top_level:
-            raise ConfigError(
-                f"{where}: unknown key {key!r}; expected one of {sorted(top_level)}"
-            )
+            raise ConfigError(f"{where}: unknown key {key!r}; expected one of {sorted(top_level)}")
     if "name" not in raw:
         raise ConfigError(f"{where}: missing key 'name' (the study's name, e.g. name = \"demo\")")
     name = _check_name(where, _typed(where, "name", raw["name"], str))
@@ -274,9 +288,7 @@ def _section(where: str, name: str, table: Any, cls: type) -> Any:
     values = {}
     for key, value in table.items():
         if key not in fields:
-            raise ConfigError(
-                f"{where}: unknown key {name}.{key}; expected one of {sorted(fields)}"
-            )
+            raise ConfigError(f"{where}: unknown key {name}.{key}; expected one of {sorted(fields)}")
         values[key] = _typed(where, f"{name}.{key}", value, hints[key])
     return cls(**values)
 
@@ -287,25 +299,19 @@ def _search(where: str, table: Any) -> dict[str, ParamSpec]:
     specs = {}
     for key, entry in table.items():
         if key not in SEARCHABLE:
-            raise ConfigError(
-                f"{where}: unknown key search.{key}; searchable: {', '.join(SEARCHABLE)}"
-            )
+            raise ConfigError(f"{where}: unknown key search.{key}; searchable: {', '.join(SEARCHABLE)}")
         full = f"search.{key}"
         if not isinstance(entry, dict):
             entry = {"value": entry}
         allowed = {"value", "low", "high", "log", "choices"}
         for sub in entry:
             if sub not in allowed:
-                raise ConfigError(
-                    f"{where}: unknown key {full}.{sub}; use value, low/high (+log) or choices"
-                )
+                raise ConfigError(f"{where}: unknown key {full}.{sub}; use value, low/high (+log) or choices")
         kinds = [k for k in ("value", "choices") if k in entry] + (
             ["range"] if {"low", "high"} & entry.keys() else []
         )
         if len(kinds) != 1:
-            raise ConfigError(
-                f"{where}: {full} = {entry!r}: give exactly one of value, low+high, or choices"
-            )
+            raise ConfigError(f"{where}: {full} = {entry!r}: give exactly one of value, low+high, or choices")
         kind = kinds[0]
         item = str if key == "activation" else int if key == "hidden" else float
         if kind == "range":
@@ -339,9 +345,7 @@ def _search(where: str, table: Any) -> dict[str, ParamSpec]:
                 raise ConfigError(f"{where}: {full}.log only applies to a low/high range")
             specs[key] = ParamSpec(value=_typed(where, f"{full}.value", entry["value"], item))
     if "lr" not in specs:
-        raise ConfigError(
-            f"{where}: missing search.lr; e.g. lr = {{ low = 1e-3, high = 0.3, log = true }}"
-        )
+        raise ConfigError(f"{where}: missing search.lr; e.g. lr = {{ low = 1e-3, high = 0.3, log = true }}")
     specs.setdefault("momentum", ParamSpec(value=0.0))
     specs.setdefault("weight_decay", ParamSpec(value=0.0))
     return specs
@@ -361,15 +365,16 @@ def _validate(cfg: StudyConfig, where: str) -> StudyConfig:
     if ds.source not in CLASSES:
         raise bad("dataset.source", ds.source, f"must be one of {sorted(CLASSES)}")
     known = CLASSES[ds.source]
-    classes = ds.classes or {"cifar2": ("airplane", "bird"), "fashion2": ("T-shirt/top", "Shirt")}.get(
-        ds.source, GMM_CLASSES
-    )
+    classes = ds.classes or DEFAULT_CLASSES[ds.source]
     if len(classes) != 2 or classes[0] == classes[1]:
         raise bad("dataset.classes", list(classes), "give exactly two different class names")
     for name in classes:
         if name not in known:
-            raise bad("dataset.classes", list(classes), f"{name!r} is not a {ds.source} class; "
-                      f"choose from {list(known)}")
+            raise bad(
+                "dataset.classes",
+                list(classes),
+                f"{name!r} is not a {ds.source} class; choose from {list(known)}",
+            )
     if not 0 < ds.val_fraction < 1:
         raise bad("dataset.val_fraction", ds.val_fraction, "must be strictly between 0 and 1")
     for key in ("n_train", "n_test"):
@@ -379,8 +384,11 @@ def _validate(cfg: StudyConfig, where: str) -> StudyConfig:
         raise bad("training.epochs", tr.epochs, "must be >= 1")
     if tr.batch_size < 0:
         raise bad("training.batch_size", tr.batch_size, "must be >= 1, or 0 for full batch")
-    for key, allowed in (("loss", ("ce", "mse")), ("backward", ("autograd", "manual")),
-                         ("dtype", ("float32", "float64"))):
+    for key, allowed in (
+        ("loss", ("ce", "mse")),
+        ("backward", ("autograd", "manual")),
+        ("dtype", ("float32", "float64")),
+    ):
         if getattr(tr, key) not in allowed:
             raise bad(f"training.{key}", getattr(tr, key), f"must be one of {list(allowed)}")
     if any(w < 1 for w in cfg.model.hidden):
@@ -411,6 +419,9 @@ def _validate(cfg: StudyConfig, where: str) -> StudyConfig:
         if key == "momentum" and spec.kind == "range" and spec.high >= 1:  # type: ignore[operator]
             raise bad("search.momentum.high", spec.high, "must be < 1")
         if cfg.sampler.kind == "grid" and spec.kind == "range":
-            raise bad(f"search.{key}", _spec_dict(spec),
-                      "the grid sampler needs choices or a fixed value, not a range")
+            raise bad(
+                f"search.{key}",
+                _spec_dict(spec),
+                "the grid sampler needs choices or a fixed value, not a range",
+            )
     return dataclasses.replace(cfg, dataset=dataclasses.replace(ds, classes=tuple(classes)))

@@ -58,7 +58,11 @@ def summarize(
         loss=loss,
         confusion=confusion_matrix(labels, predictions, labels=ids),
         report=classification_report(
-            labels, predictions, labels=ids, target_names=list(classes), output_dict=True,
+            labels,
+            predictions,
+            labels=ids,
+            target_names=list(classes),
+            output_dict=True,
             zero_division=0,
         ),
     )

@@ -85,8 +85,10 @@ def plot_curves(history: Sequence[EpochRecord], path: Path) -> Path:
     """Loss and accuracy per epoch, train and validation."""
     epochs = [r.epoch for r in history]
     fig = Figure(figsize=(9, 3.4))
-    for ax, key, label in ((fig.add_subplot(1, 2, 1), "loss", "loss"),
-                           (fig.add_subplot(1, 2, 2), "acc", "accuracy")):
+    for ax, key, label in (
+        (fig.add_subplot(1, 2, 1), "loss", "loss"),
+        (fig.add_subplot(1, 2, 2), "acc", "accuracy"),
+    ):
         ax.plot(epochs, [getattr(r, f"train_{key}") for r in history], "o-", ms=2, label="train")
         ax.plot(epochs, [getattr(r, f"val_{key}") for r in history], "o-", ms=2, label="validation")
         ax.set_xlabel("epoch")
@@ -111,8 +113,9 @@ def classification_table(evaluation: Evaluation) -> str:
     rows = []
     for name, values in evaluation.report.items():
         if isinstance(values, dict):
-            rows.append((name, values["precision"], values["recall"], values["f1-score"],
-                         int(values["support"])))
+            rows.append(
+                (name, values["precision"], values["recall"], values["f1-score"], int(values["support"]))
+            )
         else:
             rows.append((name, "", "", values, int(sum(evaluation.confusion.ravel()))))
     return table_html(rows, ("class", "precision", "recall", "F1", "support"))

@@ -12,12 +12,10 @@ import math
 import os
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import torch
 from optuna.trial import TrialState
@@ -25,7 +23,7 @@ from optuna.trial import TrialState
 from pipeline import tracking
 from pipeline.config import StudyConfig
 from pipeline.data import Split, load_split
-from pipeline.evaluate import Evaluation, evaluate
+from pipeline.evaluate import evaluate
 from pipeline.model import build_mlp
 from pipeline.stages import TrialArtifacts, bounds_and_report
 from pipeline.train import DTYPES, Hyper, TrainResult, train
@@ -127,7 +125,10 @@ def open_study(cfg: StudyConfig, spec: str) -> optuna.Study:
     if study is None:
         try:
             study = optuna.create_study(
-                study_name=cfg.name, storage=storage, direction=cfg.direction, sampler=sampler,
+                study_name=cfg.name,
+                storage=storage,
+                direction=cfg.direction,
+                sampler=sampler,
                 pruner=pruner,
             )
             study.set_user_attr("search_space", cfg.search_space_signature())
@@ -188,14 +189,23 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float:
         activation=params.get("activation", cfg.model.activation),
     )
     name = f"trial-{trial.number:04d}"
-    tags = {"optuna_trial": trial.number, "optuna_study": cfg.name, "config_hash": cfg.config_hash(),
-            "split_hash": ctx.split.split_hash, **ctx.provenance}
+    tags = {
+        "optuna_trial": trial.number,
+        "optuna_study": cfg.name,
+        "config_hash": cfg.config_hash(),
+        "split_hash": ctx.split.split_hash,
+        **ctx.provenance,
+    }
     run_id = tracking.trial_run(ctx.mlflow, ctx.experiment_id, ctx.parent_run_id, name, tags)
     trial.set_user_attr("mlflow_run_id", run_id)
     resolved = {**cfg.to_dict(), "model": dataclasses.asdict(model_cfg)}
     resolved.pop("search")
-    tracking.log(ctx.mlflow, run_id, params={**tracking.flatten(resolved), **params},
-                 metrics={"trial_number": trial.number})
+    tracking.log(
+        ctx.mlflow,
+        run_id,
+        params={**tracking.flatten(resolved), **params},
+        metrics={"trial_number": trial.number},
+    )
     status = "FAILED"
     try:
         value = _trial_body(trial, ctx, run_id, hyper, model_cfg, params)
@@ -210,8 +220,13 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float:
 
 def _trial_body(trial, ctx: TrialContext, run_id: str, hyper: Hyper, model_cfg, params) -> float:
     cfg, split = ctx.cfg, ctx.split
-    model = build_mlp(split.input_dim, model_cfg.hidden, model_cfg.activation, cfg.training.seed,
-                      dtype=DTYPES[cfg.training.dtype])
+    model = build_mlp(
+        split.input_dim,
+        model_cfg.hidden,
+        model_cfg.activation,
+        cfg.training.seed,
+        dtype=DTYPES[cfg.training.dtype],
+    )
     buffer = tracking.MetricBuffer(ctx.mlflow, run_id)
     bar = _progress(cfg.training.epochs, f"trial {trial.number}", ctx.show_epochs, leave=False)
 
@@ -232,13 +247,32 @@ def _trial_body(trial, ctx: TrialContext, run_id: str, hyper: Hyper, model_cfg, 
     test = evaluate(model, split.x_test, split.y_test, split.classes, cfg.training.loss)
     folder = ctx.reports / f"trial-{trial.number:04d}"
     artifacts: TrialArtifacts = bounds_and_report(
-        folder=folder, cfg=cfg, split=split, model=model, trial_number=trial.number, params=params,
-        result=result, val=val, test=test, provenance={**ctx.provenance, "run_id": run_id},
+        folder=folder,
+        cfg=cfg,
+        split=split,
+        model=model,
+        trial_number=trial.number,
+        params=params,
+        result=result,
+        val=val,
+        test=test,
+        provenance={**ctx.provenance, "run_id": run_id},
     )
-    final = {"val_acc": val.accuracy, "val_loss": val.loss, "test_acc": test.accuracy,
-             "test_error": test.error, "best_val_acc": result.best_val_acc,
-             "train_seconds": result.seconds, "epochs_run": len(result.history), **artifacts.metrics}
-    tracking.log(ctx.mlflow, run_id, metrics=final, tags={"trial_state": "COMPLETE"})
+    final = {
+        "val_acc": val.accuracy,
+        "val_loss": val.loss,
+        "test_acc": test.accuracy,
+        "test_error": test.error,
+        "best_val_acc": result.best_val_acc,
+        "train_seconds": result.seconds,
+        "epochs_run": len(result.history),
+        **artifacts.metrics,
+    }
+    # val_acc / val_loss are already logged per epoch; the last epoch's value is the final one
+    logged = {k: v for k, v in final.items() if k not in ("val_acc", "val_loss")}
+    tracking.log(
+        ctx.mlflow, run_id, metrics=logged, tags={"trial_state": "COMPLETE"}, step=len(result.history)
+    )
     for path in artifacts.files:
         ctx.mlflow.log_artifact(run_id, str(path))
     _log_weights(ctx, run_id, model)
@@ -256,12 +290,19 @@ def _trial_body(trial, ctx: TrialContext, run_id: str, hyper: Hyper, model_cfg, 
 
 def _prune(trial, ctx: TrialContext, run_id: str, result: TrainResult) -> None:
     """Diverged or pruned: keep the partial curves, record the reason, tell Optuna PRUNED."""
-    reason = result.outcome if result.diverged_at is not None else (
-        f"pruned by {ctx.cfg.pruner.kind} pruner after epoch {result.stopped_at}")
+    reason = (
+        result.outcome
+        if result.diverged_at is not None
+        else (f"pruned by {ctx.cfg.pruner.kind} pruner after epoch {result.stopped_at}")
+    )
     trial.set_user_attr("reason", reason)
     trial.set_user_attr("epochs_run", len(result.history))
-    tracking.log(ctx.mlflow, run_id, tags={"trial_state": "PRUNED", "reason": reason},
-                 metrics={"epochs_run": len(result.history)})
+    tracking.log(
+        ctx.mlflow,
+        run_id,
+        tags={"trial_state": "PRUNED", "reason": reason},
+        metrics={"epochs_run": len(result.history)},
+    )
     raise optuna.TrialPruned(reason)
 
 
@@ -285,8 +326,10 @@ def _progress(total: int, desc: str, enabled: bool, leave: bool = True):
 
 def counts(study: optuna.Study) -> dict[str, int]:
     states = [t.state for t in study.get_trials(deepcopy=False)]
-    return {s.name.lower(): states.count(s) for s in (TrialState.COMPLETE, TrialState.PRUNED,
-                                                       TrialState.FAIL, TrialState.RUNNING)}
+    return {
+        s.name.lower(): states.count(s)
+        for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+    }
 
 
 def run_study(
@@ -308,12 +351,24 @@ def run_study(
     mlflow = tracking.client(tracking_uri)
     exp_id = tracking.experiment_id(mlflow, cfg.name)
     prov = tracking.provenance()
-    parent = tracking.study_run(mlflow, exp_id, cfg.name, {
-        "config_hash": cfg.config_hash(), "split_hash": split.split_hash, "optuna_storage": _redact(spec),
-        "study_file": cfg.path, **prov})
-    tracking.log(mlflow, parent, params=_study_params(cfg))
-    ctx = TrialContext(cfg, split, mlflow, exp_id, parent, reports, prov,
-                       show_epochs=progress and cfg.training.epochs >= 20)
+    parent = tracking.study_run(
+        mlflow,
+        exp_id,
+        cfg.name,
+        {
+            "config_hash": cfg.config_hash(),
+            "split_hash": split.split_hash,
+            "optuna_storage": _redact(spec),
+            "study_file": cfg.path,
+            "trials_target": cfg.trials,
+            "epochs": cfg.training.epochs,
+            **prov,
+        },
+        params=_study_params(cfg),
+    )
+    ctx = TrialContext(
+        cfg, split, mlflow, exp_id, parent, reports, prov, show_epochs=progress and cfg.training.epochs >= 20
+    )
     done = sum(counts(study)[k] for k in ("complete", "pruned"))
     remaining = max(0, cfg.trials - done)
     bar = _progress(remaining, cfg.name, progress)
@@ -323,8 +378,10 @@ def run_study(
             study.optimize(
                 lambda trial: run_trial(trial, ctx),
                 n_trials=remaining,
-                callbacks=[optuna.study.MaxTrialsCallback(cfg.trials, states=FINISHED),
-                           lambda *_: bar.update(1)],
+                callbacks=[
+                    optuna.study.MaxTrialsCallback(cfg.trials, states=FINISHED),
+                    lambda *_: bar.update(1),
+                ],
             )
         status = "FINISHED"
     finally:
@@ -332,8 +389,16 @@ def run_study(
         _finish_parent(mlflow, parent, study, status)
     c = counts(study)
     best = _best(study)
-    return StudyOutcome(cfg.name, c["complete"], c["pruned"], c["fail"],
-                        best.number if best else None, best.value if best else None, reports, parent)
+    return StudyOutcome(
+        cfg.name,
+        c["complete"],
+        c["pruned"],
+        c["fail"],
+        best.number if best else None,
+        best.value if best else None,
+        reports,
+        parent,
+    )
 
 
 def _study_params(cfg: StudyConfig) -> dict[str, Any]:
@@ -362,14 +427,3 @@ def _finish_parent(mlflow, parent: str, study: optuna.Study, status: str) -> Non
                 metrics[f"selected_{key}"] = value
     tracking.log(mlflow, parent, metrics=metrics)
     mlflow.set_terminated(parent, status)
-
-
-def wall_time(fn, *args, **kwargs):
-    started = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - started
-
-
-def trial_seed_rng(cfg: StudyConfig, number: int) -> np.random.Generator:
-    """The bootstrap's generator for one trial, derived from the study seed and trial number."""
-    return np.random.default_rng([cfg.training.seed, number])

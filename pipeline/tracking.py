@@ -63,22 +63,30 @@ def experiment_id(mlflow: MlflowClient, name: str) -> str:
 
 def provenance() -> dict[str, str]:
     """Git commit and package versions, attached to every run."""
+    import mlflow
     import numpy
     import optuna
     import sklearn
     import torch
 
-    import mlflow
     import pipeline
 
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(pipeline.__file__).parent, check=False,
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(pipeline.__file__).parent,
+            check=False,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-            text=True, timeout=5, cwd=Path(pipeline.__file__).parent, check=False,
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(pipeline.__file__).parent,
+            check=False,
         ).stdout.strip()
     except OSError:
         commit, dirty = "", ""
@@ -94,10 +102,18 @@ def provenance() -> dict[str, str]:
     }
 
 
-def study_run(mlflow: MlflowClient, exp_id: str, study: str, tags: Mapping[str, str]) -> str:
-    """The study's parent run: reused across invocations (one parent per study), else created."""
+def study_run(
+    mlflow: MlflowClient, exp_id: str, study: str, tags: Mapping[str, str], params: Mapping[str, Any]
+) -> str:
+    """The study's parent run: reused across invocations (one parent per study), else created.
+
+    Params are logged when it is created (MLflow params are immutable); what may change between
+    invocations (trial target, overrides, commit) goes in tags, which are overwritten.
+    """
     runs = mlflow.search_runs(
-        [exp_id], filter_string=f"tags.pipeline_role = '{STUDY_ROLE}'", max_results=1,
+        [exp_id],
+        filter_string=f"tags.pipeline_role = '{STUDY_ROLE}'",
+        max_results=1,
         order_by=["attributes.start_time ASC"],
     )
     if runs:
@@ -107,6 +123,7 @@ def study_run(mlflow: MlflowClient, exp_id: str, study: str, tags: Mapping[str, 
         run_id = mlflow.create_run(
             exp_id, run_name=study, tags={"pipeline_role": STUDY_ROLE, "optuna_study": study}
         ).info.run_id
+        log(mlflow, run_id, params=params)
     log(mlflow, run_id, tags=tags)
     return run_id
 

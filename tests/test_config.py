@@ -70,7 +70,11 @@ def test_defaults_fill_in_and_hash_is_stable():
         ({"training__epochs": "10"}, "training.epochs", "'10'"),
         ({"training__batch_size": -1}, "training.batch_size", "-1"),
         ({"dataset__source": "mnist"}, "dataset.source", "mnist"),
-        ({"dataset__source": "cifar2", "dataset__classes": ["airplane", "dragon"]}, "dataset.classes", "dragon"),
+        (
+            {"dataset__source": "cifar2", "dataset__classes": ["airplane", "dragon"]},
+            "dataset.classes",
+            "dragon",
+        ),
         ({"dataset__source": "fashion2", "dataset__classes": ["Shirt"]}, "dataset.classes", "Shirt"),
         ({"dataset__val_fraction": 1.0}, "dataset.val_fraction", "1.0"),
         ({"trials": 0}, "trials", "0"),
@@ -94,9 +98,12 @@ def test_bad_values_name_file_key_and_value(changes, key, value):
 
 @pytest.mark.parametrize(
     ("changes", "key"),
-    [({"trainig__epochs": 3}, "trainig"), ({"training__epoch": 3}, "training.epoch"),
-     ({"search__learning_rate": {"value": 0.1}}, "search.learning_rate"),
-     ({"search__lr": {"low": 0.1, "hi": 0.2}}, "search.lr.hi")],
+    [
+        ({"trainig__epochs": 3}, "trainig"),
+        ({"training__epoch": 3}, "training.epoch"),
+        ({"search__learning_rate": {"value": 0.1}}, "search.learning_rate"),
+        ({"search__lr": {"low": 0.1, "hi": 0.2}}, "search.lr.hi"),
+    ],
 )
 def test_unknown_keys_are_errors(changes, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -49,8 +49,14 @@ def test_manual_sgd_does_not_touch_grad():
     torch.testing.assert_close(p.detach(), torch.full((3,), 0.75, dtype=torch.float64))
 
 
-@pytest.mark.parametrize(("kwargs", "word"), [({"lr": 0}, "lr"), ({"lr": 0.1, "momentum": 1.0}, "momentum"),
-                                              ({"lr": 0.1, "weight_decay": -1}, "weight_decay")])
+@pytest.mark.parametrize(
+    ("kwargs", "word"),
+    [
+        ({"lr": 0}, "lr"),
+        ({"lr": 0.1, "momentum": 1.0}, "momentum"),
+        ({"lr": 0.1, "weight_decay": -1}, "weight_decay"),
+    ],
+)
 def test_manual_sgd_rejects_bad_hyperparameters(kwargs, word):
     with pytest.raises(ValueError, match=word):
         ManualSGD([torch.nn.Parameter(torch.zeros(1))], **kwargs)

@@ -1,0 +1,291 @@
+"""After training: the bounds stage, the ground-truth check, and the trial report, composed.
+
+Kept apart from ``study`` so it runs (and is tested) without Optuna or MLflow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from pipeline import bounds, bounds_plots, report
+from pipeline.config import StudyConfig
+from pipeline.data import Split
+from pipeline.evaluate import Evaluation, evaluate, predict_logits
+from pipeline.train import TrainResult
+
+TRUE_ERROR_SAMPLE = 4_000_000  # fresh points for the true error estimate (independent of the sets)
+BCA_SETS, BCA_RESAMPLES = 200, 999  # the ground-truth BCa coverage uses fewer sets: it resamples
+
+
+@dataclass(frozen=True)
+class TrialArtifacts:
+    files: tuple[Path, ...]  # files to log to the trial's MLflow run
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """The model measured against the synthetic ground truth's fresh data."""
+
+    true_error: float
+    fresh_errors: np.ndarray  # empirical test error of each fresh test set
+    coverage: tuple[bounds.Coverage, ...]
+
+
+def ground_truth_check(
+    model: torch.nn.Module, split: Split, m: int, n_sets: int, confidence: float, seed: int
+) -> GroundTruth:
+    """Draw ``n_sets`` fresh test sets of size ``m`` and see how often each interval covers."""
+    gt = split.ground_truth
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    chunk = max(1, 2_000_000 // m)  # test sets per forward pass: bounds memory
+    for start in range(0, n_sets, chunk):
+        count = min(chunk, n_sets - start)
+        x, y = gt.sample(count * m, gen)
+        wrong = predict_logits(model, x).argmax(1) != y
+        rows.append(wrong.view(count, m).numpy().astype(np.uint8))
+    matrix = np.concatenate(rows)
+    x, y = gt.sample(TRUE_ERROR_SAMPLE, gen)
+    true_error = float((predict_logits(model, x).argmax(1) != y).double().mean())
+    cover = bounds.coverage(
+        matrix,
+        true_error,
+        confidence,
+        rng=np.random.default_rng(seed),
+        bca_sets=BCA_SETS,
+        bca_resamples=BCA_RESAMPLES,
+    )
+    return GroundTruth(true_error, matrix.mean(axis=1), cover)
+
+
+def plot_decision_boundary(model: torch.nn.Module, split: Split, path: Path, title: str) -> Path:
+    """p(y=1|x) as a filled contour over the data range, training points and the Bayes boundary."""
+    if split.input_dim != 2:
+        raise ValueError(
+            f"a decision boundary needs 2-D inputs; {split.source} has {split.input_dim} features"
+        )
+    x = split.x_train
+    lo, hi = x.min(0).values - 0.5, x.max(0).values + 0.5
+    gx, gy = torch.meshgrid(
+        torch.linspace(lo[0], hi[0], 200), torch.linspace(lo[1], hi[1], 200), indexing="xy"
+    )
+    grid = torch.stack([gx.ravel(), gy.ravel()], 1)
+    prob = torch.softmax(predict_logits(model, grid).double(), 1)[:, 1].view(200, 200)
+    fig = Figure(figsize=(5.5, 4.6))
+    ax = fig.add_subplot()
+    filled = ax.contourf(gx, gy, prob, levels=np.linspace(0, 1, 11), cmap="RdBu_r", alpha=0.6)
+    fig.colorbar(filled, ax=ax, label="model p(y=1 | x)")
+    ax.contour(gx, gy, prob, levels=[0.5], colors="black", linewidths=1.5)
+    if split.ground_truth is not None:
+        bayes = split.ground_truth.posterior(grid).view(200, 200)
+        ax.contour(gx, gy, bayes, levels=[0.5], colors="green", linewidths=1.5, linestyles="--")
+    y = split.y_train
+    ax.scatter(x[y == 0, 0], x[y == 0, 1], s=6, c="tab:blue", label=split.classes[0])
+    ax.scatter(x[y == 1, 0], x[y == 1, 1], s=6, c="tab:red", label=split.classes[1])
+    ax.plot([], [], "k-", label="model boundary")
+    if split.ground_truth is not None:
+        ax.plot([], [], "g--", label="Bayes boundary")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(title)
+    return report.save_figure(fig, path)
+
+
+def bounds_and_report(
+    *,
+    folder: Path,
+    cfg: StudyConfig,
+    split: Split,
+    model: torch.nn.Module,
+    trial_number: int,
+    params: dict[str, Any],
+    result: TrainResult,
+    val: Evaluation,
+    test: Evaluation,
+    provenance: dict[str, str],
+) -> TrialArtifacts:
+    """Compute the intervals (and the ground-truth check), write the report folder atomically."""
+    confidence = cfg.bounds.confidence
+    rng = np.random.default_rng([cfg.training.seed, trial_number])
+    err = bounds.analyse_errors(test.errors, confidence, rng)
+    m = err.m
+    delta = 1 - confidence
+    train_eval = evaluate(model, split.x_train, split.y_train, split.classes, cfg.training.loss)
+    metrics: dict[str, float] = {
+        "train_error": train_eval.error,
+        "test_m": m,
+        "generalization_gap": test.error - train_eval.error,
+    }
+    for iv in err.intervals:
+        if iv.available:
+            metrics[f"test_error_{iv.method}_low"] = iv.low
+            metrics[f"test_error_{iv.method}_high"] = iv.high
+    truth = None
+    if split.ground_truth is not None:
+        truth = ground_truth_check(
+            model,
+            split,
+            m,
+            cfg.bounds.fresh_sets,
+            confidence,
+            seed=cfg.dataset.seed * 7919 + trial_number + 1,
+        )
+        metrics["true_error"] = truth.true_error
+        for c in truth.coverage:
+            metrics[f"coverage_{c.method}"] = c.coverage
+    sizes = {
+        "hoeffding_epsilon": bounds.hoeffding_epsilon(m, delta),
+        "hoeffding_m_1pct_99": bounds.hoeffding_test_size(0.01, 0.01),
+        "exact_m_1pct_99_worst": bounds.exact_test_size(0.01, 0.01, 0.5),
+        "exact_m_1pct_99_observed": bounds.exact_test_size(0.01, 0.01, max(test.error, 1e-3)),
+    }
+    metrics["hoeffding_epsilon"] = sizes["hoeffding_epsilon"]
+    title = f"{cfg.name} trial {trial_number}"
+    with report.atomic_dir(folder) as tmp:
+        figures = {
+            "curves": report.plot_curves(result.history, tmp / "curves.png"),
+            "confusion_matrix": report.plot_confusion(
+                test, split.classes, tmp / "confusion_matrix.png", "test set"
+            ),
+        }
+        bounds_plots.plot_bounds(err.distribution, err.empirical_error, err.intervals, m, tmp / "bounds.png")
+        figures["bounds"] = tmp / "bounds.png"
+        if truth is not None:
+            bounds_plots.plot_true_distribution(
+                truth.fresh_errors, truth.true_error, test.error, m, tmp / "true_error.png"
+            )
+            bounds_plots.plot_coverage(truth.coverage, tmp / "coverage.png")
+            figures["true_error"] = tmp / "true_error.png"
+            figures["coverage"] = tmp / "coverage.png"
+        if split.input_dim == 2:
+            figures["decision_boundary"] = plot_decision_boundary(
+                model, split, tmp / "decision_boundary.png", f"{title}: {_describe(params, cfg)}"
+            )
+        summary = {
+            "study": cfg.name,
+            "trial": trial_number,
+            "params": params,
+            "outcome": result.outcome,
+            "epochs_run": len(result.history),
+            "train_seconds": result.seconds,
+            "val_acc": val.accuracy,
+            "test_acc": test.accuracy,
+            "test_error": test.error,
+            "train_error": train_eval.error,
+            "confidence": confidence,
+            "test_m": m,
+            "test_k": err.k,
+            "intervals": [iv.__dict__ | {"width": iv.width} for iv in err.intervals],
+            "test_set_sizes": sizes,
+            "confusion_matrix": test.confusion,
+            "classification_report": test.report,
+            "history": [r.__dict__ for r in result.history],
+            "config_hash": cfg.config_hash(),
+            "split_hash": split.split_hash,
+            "provenance": provenance,
+        }
+        if truth is not None:
+            summary["ground_truth"] = {
+                "true_error": truth.true_error,
+                "coverage": [c.__dict__ for c in truth.coverage],
+            }
+        report.write_json(tmp / "metrics.json", summary)
+        page = _trial_page(
+            title, cfg, split, params, result, val, test, train_eval, err, sizes, truth, figures, provenance
+        )
+        (tmp / "report.html").write_text(page, encoding="utf-8")
+        names = [p.name for p in figures.values()] + ["metrics.json", "report.html"]
+    return TrialArtifacts(tuple(folder / n for n in names), metrics)
+
+
+def _describe(params: dict[str, Any], cfg: StudyConfig) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def _trial_page(
+    title, cfg, split, params, result, val, test, train_eval, err, sizes, truth, figures, provenance
+) -> str:
+    pct = f"{100 * cfg.bounds.confidence:g} %"
+    overview = report.table_html(
+        [
+            ("parameters", _describe(params, cfg)),
+            ("outcome", result.outcome),
+            ("epochs run", len(result.history)),
+            ("training time (s)", result.seconds),
+            ("train error", train_eval.error),
+            ("validation accuracy (objective)", val.accuracy),
+            ("test accuracy", test.accuracy),
+            ("test error R_T", f"{err.k} / {err.m} = {test.error:.4f}"),
+            ("generalization gap (test − train error)", test.error - train_eval.error),
+        ],
+        ("", "value"),
+    )
+    rows = [
+        (iv.method, iv.low, iv.high, iv.width, "yes" if iv.guaranteed else "no", iv.note or "")
+        for iv in err.intervals
+    ]
+    intervals = (
+        f"<p>Each interval is meant to contain the true error with probability {pct} "
+        f"(δ = {1 - cfg.bounds.confidence:.3g}). <em>Guaranteed</em> intervals hold for any true "
+        "error; the others rest on an approximation (normal limit, a plugged-in variance or the "
+        "bootstrap).</p>"
+        + report.table_html(rows, ("method", "low", "high", "width", "guaranteed", "note"))
+        + report.image_html(figures["bounds"], "bootstrap distribution and intervals")
+        + f"<p>Test-set size m = {err.m}. At this m Hoeffding's ε is "
+        f"{sizes['hoeffding_epsilon']:.4f} at {pct}. To know the error to ±1 % with probability "
+        f"0.99, Hoeffding needs m = {sizes['hoeffding_m_1pct_99']:,}; the exact binomial interval "
+        f"needs m = {sizes['exact_m_1pct_99_worst']:,} at the worst case p = 0.5 and "
+        f"m = {sizes['exact_m_1pct_99_observed']:,} at p = {max(test.error, 1e-3):.3f} "
+        "(the observed error).</p>"
+    )
+    sections = [
+        ("Overview", overview),
+        ("Learning curves", report.image_html(figures["curves"], "learning curves")),
+        (
+            "Test set: confusion matrix and classification report",
+            report.image_html(figures["confusion_matrix"], "confusion matrix")
+            + report.classification_table(test),
+        ),
+        ("Confidence intervals for the test error", intervals),
+    ]
+    if truth is not None:
+        cov_rows = [
+            (c.method, c.nominal, c.coverage, c.mean_width, c.n_sets, "yes" if c.guaranteed else "no", c.note)
+            for c in truth.coverage
+        ]
+        sections.append(
+            (
+                "Ground truth: the true error distribution and interval coverage",
+                f"<p>The synthetic ground truth can draw fresh data. The model's empirical error on "
+                f"{len(truth.fresh_errors):,} fresh test sets of size m = {err.m} is histogrammed "
+                f"below; the true error, {truth.true_error:.4f}, is measured on "
+                f"{TRUE_ERROR_SAMPLE:,} further fresh points. This trial's single test set gave "
+                f"{test.error:.4f}.</p>"
+                + report.image_html(figures["true_error"], "true error distribution")
+                + "<p>Coverage: the fraction of fresh test sets whose interval contains the true "
+                "error. A guaranteed method must reach its nominal level; approximate ones may not.</p>"
+                + report.table_html(
+                    cov_rows, ("method", "nominal", "coverage", "mean width", "sets", "guaranteed", "note")
+                )
+                + report.image_html(figures["coverage"], "coverage per method"),
+            )
+        )
+    if "decision_boundary" in figures:
+        sections.append(
+            ("Decision boundary", report.image_html(figures["decision_boundary"], "decision boundary"))
+        )
+    prov = {
+        "config hash": cfg.config_hash(),
+        "split hash": split.split_hash,
+        "study file": cfg.path,
+        "training seed": cfg.training.seed,
+        **provenance,
+    }
+    sections.append(("Provenance", report.table_html(list(prov.items()), ("", ""))))
+    return report.html_page(title, sections)
