@@ -21,12 +21,12 @@ import torch
 from optuna.trial import TrialState
 
 from pipeline import tracking
-from pipeline.config import StudyConfig
+from pipeline.config import ModelConfig, StudyConfig
 from pipeline.data import Split, load_split
 from pipeline.evaluate import evaluate
 from pipeline.model import build_mlp
 from pipeline.stages import TrialArtifacts, bounds_and_report
-from pipeline.train import DTYPES, Hyper, TrainResult, train
+from pipeline.train import DTYPES, EpochRecord, Hyper, TrainResult, train
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 DEFAULT_STORAGE_DIR = Path("storage")
@@ -179,7 +179,18 @@ class TrialContext:
     show_epochs: bool = False
 
 
-def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float:
+@dataclass(frozen=True)
+class TrialPlan:
+    """What one trial will train: its suggested params and the MLflow run that records it."""
+
+    run_id: str
+    params: dict[str, Any]
+    hyper: Hyper
+    model: ModelConfig
+
+
+def begin_trial(trial: optuna.Trial, ctx: TrialContext) -> TrialPlan:
+    """Suggest the trial's params and open its nested MLflow run with params and provenance."""
     cfg = ctx.cfg
     params = suggest(trial, cfg)
     hyper = Hyper(params["lr"], params["momentum"], params["weight_decay"])
@@ -188,7 +199,6 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float:
         hidden=(params["hidden"],) if "hidden" in params else cfg.model.hidden,
         activation=params.get("activation", cfg.model.activation),
     )
-    name = f"trial-{trial.number:04d}"
     tags = {
         "optuna_trial": trial.number,
         "optuna_study": cfg.name,
@@ -196,6 +206,7 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float:
         "split_hash": ctx.split.split_hash,
         **ctx.provenance,
     }
+    name = f"trial-{trial.number:04d}"
     run_id = tracking.trial_run(ctx.mlflow, ctx.experiment_id, ctx.parent_run_id, name, tags)
     trial.set_user_attr("mlflow_run_id", run_id)
     resolved = {**cfg.to_dict(), "model": dataclasses.asdict(model_cfg)}
@@ -206,41 +217,66 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float:
         params={**tracking.flatten(resolved), **params},
         metrics={"trial_number": trial.number},
     )
+    return TrialPlan(run_id, params, hyper, model_cfg)
+
+
+def build_model(ctx: TrialContext, plan: TrialPlan) -> torch.nn.Module:
+    """The trial's MLP; its initial weights depend only on the training seed."""
+    return build_mlp(
+        ctx.split.input_dim,
+        plan.model.hidden,
+        plan.model.activation,
+        ctx.cfg.training.seed,
+        dtype=DTYPES[ctx.cfg.training.dtype],
+    )
+
+
+def epoch_callback(trial: optuna.Trial, ctx: TrialContext, buffer: tracking.MetricBuffer, bar=None):
+    """Per epoch: buffer the metrics for MLflow, report the objective to Optuna, ask the pruner."""
+
+    def on_epoch(record: EpochRecord) -> bool:
+        buffer.add(record.metrics(), step=record.epoch)
+        if bar is not None:
+            bar.update(1)
+        trial.report(record.val_acc if ctx.cfg.objective == "val_acc" else record.val_loss, record.epoch)
+        return trial.should_prune()
+
+    return on_epoch
+
+
+def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float:
+    """The Optuna objective: every stage of one trial inside its MLflow run."""
+    plan = begin_trial(trial, ctx)
     status = "FAILED"
     try:
-        value = _trial_body(trial, ctx, run_id, hyper, model_cfg, params)
+        model = build_model(ctx, plan)
+        buffer = tracking.MetricBuffer(ctx.mlflow, plan.run_id)
+        bar = _progress(ctx.cfg.training.epochs, f"trial {trial.number}", ctx.show_epochs, leave=False)
+        try:
+            result = train(
+                model, ctx.split, plan.hyper, ctx.cfg.training, epoch_callback(trial, ctx, buffer, bar)
+            )
+        finally:
+            buffer.flush()
+            bar.close()
+        value = finish_trial(trial, ctx, plan, model, result)
         status = "FINISHED"
         return value
     except optuna.TrialPruned:
         status = "FINISHED"
         raise
     finally:
-        ctx.mlflow.set_terminated(run_id, status)
+        ctx.mlflow.set_terminated(plan.run_id, status)
 
 
-def _trial_body(trial, ctx: TrialContext, run_id: str, hyper: Hyper, model_cfg, params) -> float:
-    cfg, split = ctx.cfg, ctx.split
-    model = build_mlp(
-        split.input_dim,
-        model_cfg.hidden,
-        model_cfg.activation,
-        cfg.training.seed,
-        dtype=DTYPES[cfg.training.dtype],
-    )
-    buffer = tracking.MetricBuffer(ctx.mlflow, run_id)
-    bar = _progress(cfg.training.epochs, f"trial {trial.number}", ctx.show_epochs, leave=False)
+def finish_trial(
+    trial: optuna.Trial, ctx: TrialContext, plan: TrialPlan, model: torch.nn.Module, result: TrainResult
+) -> float:
+    """Validate, test, bound and report a trained model; raise TrialPruned if it diverged or was pruned.
 
-    def on_epoch(record) -> bool:
-        buffer.add(record.metrics(), step=record.epoch)
-        bar.update(1)
-        trial.report(record.val_acc if cfg.objective == "val_acc" else record.val_loss, record.epoch)
-        return trial.should_prune()
-
-    try:
-        result = train(model, split, hyper, cfg.training, on_epoch)
-    finally:
-        buffer.flush()
-        bar.close()
+    Does not end the MLflow run: the caller does, with the status it decides.
+    """
+    cfg, split, run_id = ctx.cfg, ctx.split, plan.run_id
     if result.diverged_at is not None or result.stopped_at is not None:
         _prune(trial, ctx, run_id, result)
     val = evaluate(model, split.x_val, split.y_val, split.classes, cfg.training.loss)
@@ -252,7 +288,7 @@ def _trial_body(trial, ctx: TrialContext, run_id: str, hyper: Hyper, model_cfg, 
         split=split,
         model=model,
         trial_number=trial.number,
-        params=params,
+        params=plan.params,
         result=result,
         val=val,
         test=test,
