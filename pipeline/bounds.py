@@ -318,6 +318,8 @@ def coverage(
     boots = [bca_bootstrap(row, confidence, rng, bca_resamples).interval for row in errors[:n_bca]]
     usable = [b for b in boots if b.available]
     note = f"first {n_bca} of {n_rows} test sets, {bca_resamples} resamples each"
+    if n_bca == 0:
+        note = f"not measured at m = {m}: scipy's BCa jackknife costs O(m²) per test set"
     if len(usable) < n_bca:
         note += f"; {n_bca - len(usable)} degenerate sets (k = 0 or m) left out"
     low = np.array([b.low for b in usable])

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("study", help="run or resume a study until it holds its number of trials")
     _study_args(p)
+    p = sub.add_parser("gradcheck", help="check the hand-written backprop against finite differences")
+    _study_args(p)
     p = sub.add_parser("check", help="validate a study file and print the resolved configuration")
     p.add_argument("study_file", type=Path, metavar="STUDY.toml")
     return parser
@@ -66,6 +68,18 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gradcheck(args: argparse.Namespace) -> int:
+    from pipeline.study import run_gradcheck
+
+    cfg = _load(args)
+    _, table, failures, folder = run_gradcheck(cfg, tracking_uri=args.tracking_uri)
+    print(table)
+    print(f"saved: {folder}/gradcheck.json, {folder}/gradcheck.png")
+    for failure in failures:
+        print(f"FAILED: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     import json
 
@@ -75,7 +89,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"study": cmd_study, "check": cmd_check}
+COMMANDS = {"study": cmd_study, "check": cmd_check, "gradcheck": cmd_gradcheck}
 
 
 def main(argv: list[str] | None = None) -> int:

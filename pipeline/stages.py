@@ -20,7 +20,14 @@ from pipeline.evaluate import Evaluation, evaluate, predict_logits
 from pipeline.train import TrainResult
 
 TRUE_ERROR_SAMPLE = 4_000_000  # fresh points for the true error estimate (independent of the sets)
-BCA_SETS, BCA_RESAMPLES = 200, 999  # the ground-truth BCa coverage uses fewer sets: it resamples
+BCA_RESAMPLES = 999  # the ground-truth BCa coverage uses fewer sets and resamples: it is costly
+BCA_BUDGET = 200 * 2000**2  # scipy's BCa jackknife costs ~m² per set: 200 sets at m = 2000
+
+
+def bca_sets(m: int) -> int:
+    """Fresh test sets for the BCa coverage: 200 at m = 2000; none where fewer than 20 would fit."""
+    sets = min(200, BCA_BUDGET // (m * m))
+    return sets if sets >= 20 else 0
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,7 @@ def ground_truth_check(
         true_error,
         confidence,
         rng=np.random.default_rng(seed),
-        bca_sets=BCA_SETS,
+        bca_sets=bca_sets(m),
         bca_resamples=BCA_RESAMPLES,
     )
     return GroundTruth(true_error, matrix.mean(axis=1), cover)
@@ -196,11 +203,16 @@ def bounds_and_report(
                 "coverage": [c.__dict__ for c in truth.coverage],
             }
         report.write_json(tmp / "metrics.json", summary)
+        # paired test predictions: the study page compares trials on them (McNemar) without retraining
+        report.write_json(
+            tmp / "test_predictions.json",
+            {"classes": split.classes, "labels": test.labels, "predictions": test.predictions},
+        )
         page = _trial_page(
             title, cfg, split, params, result, val, test, train_eval, err, sizes, truth, figures, provenance
         )
         (tmp / "report.html").write_text(page, encoding="utf-8")
-        names = [p.name for p in figures.values()] + ["metrics.json", "report.html"]
+        names = [p.name for p in figures.values()] + ["metrics.json", "test_predictions.json", "report.html"]
     return TrialArtifacts(tuple(folder / n for n in names), metrics)
 
 
