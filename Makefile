@@ -14,7 +14,7 @@ EPOCHS ?=
 PORT ?= 5000
 OVERRIDES := $(if $(TRIALS),--trials $(TRIALS)) $(if $(EPOCHS),--epochs $(EPOCHS))
 
-.PHONY: help venv demo study ui test lint clean
+.PHONY: help venv demo study gradcheck ui test lint clean
 
 help: ## show this help
 	@grep -hE '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | \
@@ -34,6 +34,9 @@ demo: $(VENV)/.installed ## run the offline demo study (synthetic 2-D ground tru
 
 study: $(VENV)/.installed ## run or resume STUDY (default studies/cifar2.toml); TRIALS=N EPOCHS=N override
 	$(PY) -m pipeline study $(STUDY) $(OVERRIDES)
+
+gradcheck: $(VENV)/.installed ## check the hand-written backprop of STUDY's model against finite differences
+	$(PY) -m pipeline gradcheck $(STUDY)
 
 ui: $(VENV)/.installed ## open the MLflow UI over this project's runs on 127.0.0.1 (PORT=5000)
 	@mkdir -p mlruns
