@@ -31,6 +31,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``final``; on success it replaces ``final``."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; a report folder is as readable as any
     try:
         yield tmp
         old = None
@@ -43,6 +44,12 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, data: Any) -> None:

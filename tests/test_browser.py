@@ -1,0 +1,95 @@
+"""The study page and a trial report, rendered by Debian's headless chromium.
+
+Oracles: the browser itself (each <img> must decode: naturalWidth > 0 after the load event, read
+back with ``--dump-dom``), the files on disk (every src is a data: PNG or an existing file), and
+the screenshot, which must not be blank.
+"""
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+
+import pytest
+from PIL import Image
+
+from pipeline.study import run_study
+from tests.conftest import tiny_study
+
+CHROMIUM = shutil.which("chromium")
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--hide-scrollbars",
+]
+# After the load event every image has decoded or failed; mark each so --dump-dom shows which.
+PROBE = (
+    "<script>window.addEventListener('load', () => { for (const img of document.images) "
+    "img.setAttribute('data-decoded', String(img.complete && img.naturalWidth > 0)); });</script>"
+)
+IMG_SRC = re.compile(r"<img\b[^>]*\bsrc=\"([^\"]*)\"")
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)"
+)
+
+
+def _chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"  # a fresh one per run
+    return subprocess.run(
+        [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        check=True,
+    )
+
+
+@pytest.fixture
+def pages(workspace, monkeypatch):
+    monkeypatch.setattr("pipeline.stages.TRUE_ERROR_SAMPLE", 100_000)  # the true error is not checked here
+    (workspace["root"] / "mlruns").mkdir()
+    outcome = run_study(
+        tiny_study(trials=2),
+        storage=workspace["storage"],
+        tracking_uri=workspace["tracking_uri"],
+        reports_root=workspace["reports_root"],
+        progress=False,
+    )
+    return [outcome.page, outcome.reports / "trial-0000" / "report.html"]
+
+
+@pytest.mark.slow
+def test_chromium_renders_the_study_page_and_a_trial_report_with_every_image(pages, tmp_path):
+    for page in pages:
+        source = page.read_text(encoding="utf-8")
+        sources = IMG_SRC.findall(source)
+        assert len(sources) >= 3, page
+        for src in sources:  # each picture is embedded, or a file beside the page
+            if src.startswith("data:image/png;base64,"):
+                Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+            else:
+                assert (page.parent / src).is_file(), src
+
+        probe = page.with_name(f".probe-{page.name}")  # beside the page, so relative paths resolve
+        probe.write_text(source.replace("</body>", PROBE + "</body>"), encoding="utf-8")
+        try:
+            dom = _chromium(tmp_path, "--dump-dom", probe.as_uri()).stdout
+        finally:
+            probe.unlink()
+        decoded = re.findall(r"data-decoded=\"(true|false)\"", dom)
+        assert decoded == ["true"] * len(sources), f"{page}: {decoded.count('false')} images did not load"
+
+        shot = tmp_path / f"{page.parent.name}-{page.stem}.png"
+        _chromium(tmp_path, "--window-size=1200,2400", f"--screenshot={shot}", page.as_uri())
+        image = Image.open(shot).convert("L")
+        assert image.size == (1200, 2400)
+        inked = sum(count for value, count in enumerate(image.histogram()) if value < 200)
+        assert inked / (image.width * image.height) > 0.02, f"{page} rendered (almost) blank"

@@ -1,0 +1,138 @@
+"""The MLflow UI's view of a study: a real ``mlflow server`` on 127.0.0.1 over a small study's store.
+
+Everything is read back through the server's REST API (``MlflowClient`` against its URL, plus the
+artifact endpoints the UI itself calls). Oracles: Optuna's storage (params, per-epoch values,
+counts) and the files the study wrote.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.study import open_storage, run_study
+from tests.conftest import tiny_study
+
+STARTUP_TIMEOUT = 120  # seconds for the server to answer /health (about 15 s on a busy 2-core machine)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:  # only ever 127.0.0.1
+        return response.read()
+
+
+@pytest.fixture
+def server(workspace, monkeypatch):
+    """A 2-trial study, then ``mlflow server`` over its store; the process group is killed after."""
+    monkeypatch.setattr("pipeline.stages.TRUE_ERROR_SAMPLE", 100_000)  # the true error is not checked here
+    (workspace["root"] / "mlruns").mkdir()
+    cfg = tiny_study(trials=2)
+    run_study(
+        cfg,
+        storage=workspace["storage"],
+        tracking_uri=workspace["tracking_uri"],
+        reports_root=workspace["reports_root"],
+        progress=False,
+    )
+    port = _free_port()
+    log = open(workspace["root"] / "server.log", "w")  # noqa: SIM115  (closed in the finally below)
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", workspace["tracking_uri"]]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    proc = subprocess.Popen(
+        command, cwd=workspace["root"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{_tail(workspace)}")
+            try:
+                if _get(f"{url}/health").strip() == b"OK":
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not ready after {STARTUP_TIMEOUT} s:\n{_tail(workspace)}")
+            time.sleep(0.5)
+        yield {"url": url, "cfg": cfg, **workspace}
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+        log.close()
+
+
+def _tail(workspace) -> str:
+    return (workspace["root"] / "server.log").read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_the_ui_server_shows_the_study_as_optuna_stored_it(server):
+    client = MlflowClient(server["url"])
+    study = optuna.load_study(study_name="tiny", storage=open_storage(server["storage"]))
+    exp = client.get_experiment_by_name("tiny")
+    assert exp is not None
+    default = client.get_experiment_by_name("Default")
+    assert default is None or not client.search_runs([default.experiment_id])
+
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("pipeline_role") == "study"]
+    children = [r for r in runs if r.data.tags.get("pipeline_role") == "trial"]
+    assert len(parents) == 1 and len(children) == len(study.trials) == 2
+    parent = parents[0]
+    assert parent.data.metrics["n_complete"] == 2 and parent.data.metrics["n_failed"] == 0
+    assert parent.data.metrics["best_trial_number"] == study.best_trial.number
+
+    by_number = {int(r.data.metrics["trial_number"]): r for r in children}
+    assert sorted(by_number) == [t.number for t in study.trials]
+    for trial in study.trials:
+        run = by_number[trial.number]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.run_name == f"trial-{trial.number:04d}"
+        assert run.info.status == "FINISHED"
+        assert float(run.data.params["lr"]) == pytest.approx(trial.params["lr"])
+        assert float(run.data.params["momentum"]) == trial.params["momentum"]
+        assert run.data.params["training.epochs"] == "3"
+        # the per-epoch curve the UI plots is the one Optuna saw
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        assert {m.step: m.value for m in history} == pytest.approx(trial.intermediate_values)
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"report.html", "metrics.json", "test_predictions.json", "curves.png", "model.pt"} <= artifacts
+
+    # ordering by a metric (what the UI's run table and Compare view do) finds Optuna's best trial
+    ranked = client.search_runs(
+        [exp.experiment_id],
+        filter_string="tags.pipeline_role = 'trial'",
+        order_by=["metrics.val_acc DESC", "metrics.trial_number ASC"],
+    )
+    assert int(ranked[0].data.metrics["trial_number"]) == study.best_trial.number
+
+    # the endpoints the UI's artifact browser calls
+    listed = json.loads(_get(f"{server['url']}/api/2.0/mlflow/artifacts/list?run_id={parent.info.run_id}"))
+    assert {"index.html", "study"} <= {f["path"] for f in listed["files"]}
+    page = _get(f"{server['url']}/get-artifact?path=index.html&run_uuid={parent.info.run_id}")
+    assert page == (server["reports_root"] / "tiny" / "index.html").read_bytes()
+    trial0 = by_number[0].info.run_id
+    metrics = json.loads(_get(f"{server['url']}/get-artifact?path=metrics.json&run_uuid={trial0}"))
+    assert metrics["test_error"] == pytest.approx(study.trials[0].user_attrs["test_error"])
