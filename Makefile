@@ -12,14 +12,16 @@ STUDY ?= studies/cifar2.toml
 TRIALS ?=
 EPOCHS ?=
 PORT ?= 5000
+N ?= 4
+CRON ?= 0 3 * * *
 OVERRIDES := $(if $(TRIALS),--trials $(TRIALS)) $(if $(EPOCHS),--epochs $(EPOCHS))
 
-.PHONY: help venv demo study gradcheck ui test lint clean
+.PHONY: help venv demo study workers report gradcheck ui test lint clean
 
 help: ## show this help
 	@grep -hE '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | \
 		awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: STUDY=$(STUDY) TRIALS= EPOCHS= PORT=$(PORT)"
+	@echo "  variables: STUDY=$(STUDY) TRIALS= EPOCHS= PORT=$(PORT) N=$(N)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON_BASE) -m venv $(VENV)
@@ -35,8 +37,33 @@ demo: $(VENV)/.installed ## run the offline demo study (synthetic 2-D ground tru
 study: $(VENV)/.installed ## run or resume STUDY (default studies/cifar2.toml); TRIALS=N EPOCHS=N override
 	$(PY) -m pipeline study $(STUDY) $(OVERRIDES)
 
+# The study is created once, then N workers share it (one torch thread each unless OMP_NUM_THREADS says).
+workers: $(VENV)/.installed ## run STUDY with N worker processes on this machine (N=4); TRIALS/EPOCHS as for study
+	$(PY) -m pipeline worker $(STUDY) $(OVERRIDES) --create-only
+	pids=(); trap 'kill -TERM "$${pids[@]}" 2>/dev/null; wait' TERM; \
+	for i in $$(seq 1 $(N)); do \
+		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pipeline worker $(STUDY) $(OVERRIDES) --index $$i & \
+		pids+=($$!); \
+	done; \
+	rc=0; for pid in "$${pids[@]}"; do wait "$$pid" || rc=$$?; done; exit $$rc
+
+report: $(VENV)/.installed ## rebuild STUDY's page reports/<study>/index.html from storage and MLflow (no training)
+	$(PY) -m pipeline report $(STUDY)
+
+.PHONY: rerun schedule
+# For cron/systemd: exit 0 = no drift, 3 = drift, 4 = another rerun holds the study's lock, 1/2 = failed.
+rerun: $(VENV)/.installed ## rerun STUDY: continue it, retrain the selection with fresh seeds, flag drift
+	$(PY) -m pipeline rerun $(STUDY) $(OVERRIDES)
+
+schedule: $(VENV)/.installed ## install a crontab entry that reruns STUDY at CRON (default "0 3 * * *")
+	$(PY) -m pipeline schedule $(STUDY) --cron '$(CRON)' $(OVERRIDES)
+
 gradcheck: $(VENV)/.installed ## check the hand-written backprop of STUDY's model against finite differences
 	$(PY) -m pipeline gradcheck $(STUDY)
+
+.PHONY: bench
+bench: $(VENV)/.installed ## time the seed-style loop vs ours vs this machine's matmul rate (BENCH=--quick for a smoke run)
+	$(PY) -m pipeline bench $(BENCH)
 
 ui: $(VENV)/.installed ## open the MLflow UI over this project's runs on 127.0.0.1 (PORT=5000)
 	@mkdir -p mlruns

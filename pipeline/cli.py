@@ -39,8 +39,49 @@ def build_parser() -> argparse.ArgumentParser:
     _study_args(p)
     p = sub.add_parser("gradcheck", help="check the hand-written backprop against finite differences")
     _study_args(p)
+    p = sub.add_parser(
+        "worker",
+        help="one of several processes sharing a study (make workers N=4; or OPTUNA_STORAGE=postgresql+"
+        "psycopg://… on many machines); stops when the study holds its number of trials",
+    )
+    _study_args(p)
+    p.add_argument(
+        "--create-only",
+        action="store_true",
+        help="create the study (Optuna storage, MLflow experiment, parent run) and exit; "
+        "run it once before starting workers",
+    )
+    p.add_argument("--index", type=int, help="this worker's number, varies the sampler seed (default: pid)")
     p = sub.add_parser("check", help="validate a study file and print the resolved configuration")
     p.add_argument("study_file", type=Path, metavar="STUDY.toml")
+    p = sub.add_parser(
+        "bench", help="time the seed-style loop vs ours against this machine's matmul rate (reports/bench/)"
+    )
+    p.add_argument("--quick", action="store_true", help="one short repeat of everything (a smoke run)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, = cores)")
+    p.add_argument("--repeats", type=int, help="timed repeats per loop (default 3; median reported)")
+    p.add_argument("--epochs", type=int, help="epochs per timed repeat (default 2)")
+    p.add_argument("--out", type=Path, default=Path("reports/bench"), help="output folder")
+    p.add_argument(
+        "--pruning",
+        action="store_true",
+        help="also: 40-trial Fashion-2 studies without and with the median pruner",
+    )
+    p = sub.add_parser(
+        "rerun",
+        help="for cron: continue the study, retrain its selection with fresh seeds, flag drift "
+        "(exit 0 ok, 1 failed, 2 bad input, 3 drift, 4 another rerun holds the lock)",
+    )
+    _study_args(p)
+    p = sub.add_parser("schedule", help="install, list or remove a crontab entry that reruns a study")
+    from pipeline.schedule import add_arguments
+
+    add_arguments(p)
+    p = sub.add_parser("report", help="rebuild the study page reports/<study>/index.html, no training")
+    p.add_argument("study_file", type=Path, metavar="STUDY.toml")
+    p.add_argument("--name", help="study name (overrides the file)")
+    p.add_argument("--storage", help="Optuna storage (default $OPTUNA_STORAGE, else storage/<name>.journal)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else mlruns/)")
     return parser
 
 
@@ -65,6 +106,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     if outcome.best_number is not None:
         print(f"best trial {outcome.best_number}: {cfg.objective} = {outcome.best_value:.4f}")
     print(f"reports: {outcome.reports}/")
+    if outcome.page is not None:
+        print(f"study page: {outcome.page}")
     return 0
 
 
@@ -89,7 +132,79 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"study": cmd_study, "check": cmd_check, "gradcheck": cmd_gradcheck}
+def cmd_worker(args: argparse.Namespace) -> int:
+    from pipeline.study import run_study
+
+    cfg = _load(args)
+    index = args.index if args.index is not None else os.getpid()
+    outcome = run_study(
+        cfg,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        worker=index,
+        create_only=args.create_only,
+    )
+    verb = "created" if args.create_only else "holds"
+    print(
+        f"study {outcome.name} {verb}: {outcome.n_complete} complete, {outcome.n_pruned} pruned, "
+        f"{outcome.n_failed} failed (worker {index}, pid {os.getpid()})"
+    )
+    return 0
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    from pipeline.rerun import rerun_main
+
+    cfg = _load(args)
+    return rerun_main(cfg, storage=args.storage, tracking_uri=args.tracking_uri, trials=args.trials)
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from pipeline.schedule import schedule_main
+
+    return schedule_main(args, _load(args) if args.study_file else None)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.study_report import regenerate
+
+    page = regenerate(_load(args), storage=args.storage, tracking_uri=args.tracking_uri)
+    print(f"study page: {page}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pipeline import tracking
+    from pipeline.bench import format_table, run_bench, write_reports
+
+    for key in ("threads", "repeats", "epochs"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise ConfigError(f"--{key} = {getattr(args, key)}: must be >= 1")
+    result = run_bench(
+        quick=args.quick,
+        threads=args.threads,
+        repeats=args.repeats,
+        epochs=args.epochs,
+        pruning=args.pruning,
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    paths = write_reports(result, args.out, tracking.provenance())
+    print(format_table(result.rows))
+    print("\n".join(f"- {note}" for note in result.notes))
+    print(f"written: {', '.join(map(str, paths))}")
+    return 0
+
+
+COMMANDS = {
+    "study": cmd_study,
+    "worker": cmd_worker,
+    "check": cmd_check,
+    "gradcheck": cmd_gradcheck,
+    "rerun": cmd_rerun,
+    "schedule": cmd_schedule,
+    "report": cmd_report,
+    "bench": cmd_bench,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,12 +212,23 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     from pipeline.data import DataError
     from pipeline.study import StudyError
+    from pipeline.worker import Terminated, signal_in, stop_on_signals
 
     try:
-        return COMMANDS[args.command](args)
+        with stop_on_signals():  # SIGTERM/SIGHUP: the running trial ends FAIL, its MLflow run closed
+            return COMMANDS[args.command](args)
     except (ConfigError, DataError, StudyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except (Exception, KeyboardInterrupt) as exc:
+        stop = signal_in(exc)
+        if stop is None:
+            raise
+        name = "Ctrl-C" if isinstance(stop, KeyboardInterrupt) else str(stop)
+        number = getattr(stop, "trial", None)
+        trial = f"trial {number} was marked FAIL and queued again; " if number is not None else ""
+        print(f"stopped by {name}: {trial}run the same command to resume", file=sys.stderr)
+        return stop.exit_code if isinstance(stop, Terminated) else 130
 
 
 def _quiet_libraries() -> None:

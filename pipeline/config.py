@@ -82,6 +82,8 @@ class TrainingConfig:
     loss: str = "ce"  # ce (cross-entropy) | mse (squared error on one-hot targets)
     backward: str = "autograd"  # autograd | manual (pipeline.backprop)
     dtype: str = "float32"  # float32 | float64
+    precision: str = "full"  # full (every op in dtype) | bf16 (forward under bfloat16 autocast; float32 only)
+    population: int = 1  # trials trained at once as one batched computation (pipeline.population)
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,13 @@ class GradcheckConfig:
 
 
 @dataclass(frozen=True)
+class RerunConfig:
+    seeds: int = 5  # training seeds the selected configuration is retrained with per rerun (>= 2)
+    first_seed: int = 1  # seeds are first_seed, first_seed + 1, ...: fixed, so an unchanged rerun repeats
+    trials: int = 0  # trial target a rerun continues the study to; 0 = the study's own `trials`
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     name: str  # Optuna study, MLflow experiment and reports/ folder name
     path: str = ""  # the TOML file this came from
@@ -149,6 +158,7 @@ class StudyConfig:
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     bounds: BoundsConfig = field(default_factory=BoundsConfig)
     gradcheck: GradcheckConfig = field(default_factory=GradcheckConfig)
+    rerun: RerunConfig = field(default_factory=RerunConfig)
 
     @property
     def direction(self) -> str:
@@ -218,6 +228,7 @@ def parse_study(raw: dict[str, Any], where: str = "<study>") -> StudyConfig:
         "pruner": PrunerConfig,
         "bounds": BoundsConfig,
         "gradcheck": GradcheckConfig,
+        "rerun": RerunConfig,
     }
     top_level = {"name", "trials", "objective", "description", "search", *sections}
     for key in raw:
@@ -388,9 +399,25 @@ def _validate(cfg: StudyConfig, where: str) -> StudyConfig:
         ("loss", ("ce", "mse")),
         ("backward", ("autograd", "manual")),
         ("dtype", ("float32", "float64")),
+        ("precision", ("full", "bf16")),
     ):
         if getattr(tr, key) not in allowed:
             raise bad(f"training.{key}", getattr(tr, key), f"must be one of {list(allowed)}")
+    if tr.precision == "bf16" and (tr.dtype != "float32" or tr.backward != "autograd"):
+        raise bad(
+            "training.precision",
+            tr.precision,
+            "bf16 autocast needs dtype = 'float32' and backward = 'autograd'; use precision = 'full'",
+        )
+    if tr.population < 1:
+        raise bad("training.population", tr.population, "must be >= 1 (1 = one trial at a time)")
+    if tr.population > 1 and tr.backward != "autograd":
+        raise bad(
+            "training.population",
+            tr.population,
+            "population training differentiates the batched models with autograd; "
+            "use backward = 'autograd' or population = 1",
+        )
     if any(w < 1 for w in cfg.model.hidden):
         raise bad("model.hidden", list(cfg.model.hidden), "every width must be >= 1")
     if cfg.model.activation not in ("relu", "tanh"):
@@ -403,6 +430,11 @@ def _validate(cfg: StudyConfig, where: str) -> StudyConfig:
         raise bad("bounds.confidence", cfg.bounds.confidence, "must be strictly between 0 and 1")
     if cfg.bounds.fresh_sets < 100:
         raise bad("bounds.fresh_sets", cfg.bounds.fresh_sets, "must be >= 100")
+    if cfg.rerun.seeds < 2:
+        raise bad("rerun.seeds", cfg.rerun.seeds, "must be >= 2 (a rerun reports the spread across seeds)")
+    for key in ("first_seed", "trials"):
+        if getattr(cfg.rerun, key) < 0:
+            raise bad(f"rerun.{key}", getattr(cfg.rerun, key), "must be >= 0")
 
     checks = {
         "lr": (lambda v: v > 0 and math.isfinite(v), "must be > 0"),

@@ -7,11 +7,14 @@ but never used to choose anything.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import re
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,7 @@ class StudyOutcome:
     best_value: float | None
     reports: Path
     parent_run_id: str
+    page: Path | None = None  # the study page, reports/<study>/index.html, when it was written
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,11 +71,23 @@ def open_storage(spec: str) -> optuna.storages.BaseStorage:
         if spec.startswith("sqlite"):
             kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
         else:
-            kwargs.update(heartbeat_interval=30, grace_period=90)
+            from pipeline import worker
+
+            # heartbeat: a killed worker's trial is failed and queued again (RetryHeartbeatStaleTrialCallback)
+            kwargs.update(worker.heartbeat_kwargs())
+            if spec.startswith("postgresql"):
+                kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": 10}}
         try:
-            return optuna.storages.RDBStorage(spec, **kwargs)
+            with warnings.catch_warnings():  # heartbeat_interval is marked experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(spec, **kwargs)
         except Exception as exc:
-            raise StudyError(f"cannot open Optuna storage {_redact(spec)}: {exc}") from None
+            reason = _scrub(str(exc).split("\n")[0], spec)
+            raise StudyError(
+                f"cannot open Optuna storage {_redact(spec)}: {reason}\n"
+                "Check that the database server is running and reachable, and the URL (--storage or "
+                "$OPTUNA_STORAGE); nothing was run."
+            ) from None
     path = Path(spec)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,21 +98,48 @@ def open_storage(spec: str) -> optuna.storages.BaseStorage:
 
 
 def _redact(url: str) -> str:
-    """A database URL with its password replaced, for messages and tags."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return url
+    """A database URL with its password (in the user part or a ``password=`` query) replaced."""
+    if "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    # the user:password@host part ends at the first / ? or # after the last @ (a password may hold
+    # an unencoded @; one holding an unencoded / ? or # is masked up to the last @)
+    cut = rest.rfind("@") + 1
+    end = min([i for i in (rest.find(c, cut) for c in "/?#") if i >= 0] or [len(rest)])
+    authority, tail = rest[:end], rest[end:]
+    creds, at, host = authority.rpartition("@")
+    if at and ":" in creds:
+        authority = f"{creds.split(':', 1)[0]}:***@{host}"
+    tail = re.sub(r"(?i)([?&;]password=)[^&;#]*", r"\1***", tail)
+    return f"{scheme}://{authority}{tail}"
 
 
-def make_sampler(cfg: StudyConfig, n_existing: int) -> optuna.samplers.BaseSampler:
-    """The TOML's sampler, its seed derived from (seed, trials already in the study).
+def _scrub(text: str, url: str) -> str:
+    """``text`` with any password from ``url`` replaced (driver errors can echo parts of a URL)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return text
+    secrets = [parsed.password, *(v for k, v in parsed.query.items() if k.lower() == "password")]
+    for secret in secrets:
+        if secret and isinstance(secret, str):
+            text = text.replace(secret, "***")
+    return text
+
+
+def make_sampler(cfg: StudyConfig, n_existing: int, worker: int = 0) -> optuna.samplers.BaseSampler:
+    """The TOML's sampler, its seed derived from (seed, trials already in the study, worker).
 
     A re-created seeded sampler restarts its RNG, so a resumed run would otherwise repeat the
-    first run's suggestions.
+    first run's suggestions, and workers started together would repeat each other's.
     """
     seed = cfg.sampler.seed * 100_003 + n_existing
+    if worker:
+        import numpy as np
+
+        seed = int(np.random.SeedSequence([cfg.sampler.seed, n_existing, worker]).generate_state(1)[0])
     if cfg.sampler.kind == "grid":
         space = {k: list(s.choices if s.kind == "choices" else (s.value,)) for k, s in cfg.search.items()}
         return optuna.samplers.GridSampler(space, seed=seed)
@@ -113,7 +156,7 @@ def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(cfg: StudyConfig, spec: str) -> optuna.Study:
+def open_study(cfg: StudyConfig, spec: str, worker: int = 0) -> optuna.Study:
     """Create the study or resume it, refusing a changed direction or search space."""
     storage = open_storage(spec)
     try:
@@ -121,7 +164,7 @@ def open_study(cfg: StudyConfig, spec: str) -> optuna.Study:
     except KeyError:
         study = None
     n_existing = len(study.trials) if study is not None else 0
-    sampler, pruner = make_sampler(cfg, n_existing), make_pruner(cfg)
+    sampler, pruner = make_sampler(cfg, n_existing, worker), make_pruner(cfg)
     if study is None:
         try:
             study = optuna.create_study(
@@ -265,6 +308,10 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float:
     except optuna.TrialPruned:
         status = "FINISHED"
         raise
+    except Exception as exc:  # Optuna keeps no message for a FAIL: record it for the study page
+        with contextlib.suppress(Exception):
+            trial.set_user_attr("reason", f"{type(exc).__name__}: {exc}"[:1000])
+        raise
     finally:
         ctx.mlflow.set_terminated(plan.run_id, status)
 
@@ -350,6 +397,25 @@ def _log_weights(ctx: TrialContext, run_id: str, model: torch.nn.Module) -> None
         ctx.mlflow.log_artifact(run_id, str(path))
 
 
+def load_weights(path: str | Path, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """A trial's ``model.pt`` as a state dict (into ``model`` too, if given), tensors only.
+
+    ``weights_only=True``: a file that holds anything but tensors and plain containers is refused
+    instead of unpickled, so a tampered artifact cannot run code.
+    """
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise StudyError(f"{path}: refused, not a plain state dict of tensors ({exc})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise StudyError(f"{path}: not a state dict of tensors (got {type(state).__name__})")
+    if model is not None:
+        model.load_state_dict(state)
+    return state
+
+
 def _progress(total: int, desc: str, enabled: bool, leave: bool = True):
     from tqdm.auto import tqdm
 
@@ -375,19 +441,28 @@ def run_study(
     tracking_uri: str | None = None,
     reports_root: Path = Path("reports"),
     progress: bool | None = None,
+    worker: int | None = None,
+    create_only: bool = False,
 ) -> StudyOutcome:
-    """Run (or resume) the study until it holds ``cfg.trials`` complete-or-pruned trials."""
+    """Run (or resume) the study until it holds ``cfg.trials`` complete-or-pruned trials.
+
+    ``worker``: this process is one of several sharing the study (the index varies the sampler
+    seed; one log line per trial instead of progress bars). ``create_only``: create the study,
+    its MLflow experiment and parent run, then return (run once before starting workers).
+    """
+    from pipeline import worker as workers
+
     if progress is None:
-        progress = sys.stderr.isatty()
+        progress = sys.stderr.isatty() and worker is None
     spec = storage_spec(cfg, storage)
-    study = open_study(cfg, spec)
-    split = load_split(cfg.dataset)
+    reports = workers.preflight(cfg.name, spec, tracking.tracking_uri(tracking_uri), reports_root)
+    split = load_split(cfg.dataset)  # data errors stop the study before anything is written
+    study = open_study(cfg, spec, worker or 0)
     if cfg.gradcheck.enabled:
         _, table, failures, _ = run_gradcheck(cfg, tracking_uri=tracking_uri, reports_root=reports_root)
         if failures:
             reasons = "\n".join(failures)
             raise GradcheckFailed(f"{cfg.path}: gradient check failed, no trial run:\n{table}{reasons}")
-    reports = reports_root / cfg.name
     reports.mkdir(parents=True, exist_ok=True)
     mlflow = tracking.client(tracking_uri)
     exp_id = tracking.experiment_id(mlflow, cfg.name)
@@ -413,21 +488,47 @@ def run_study(
     done = sum(counts(study)[k] for k in ("complete", "pruned"))
     remaining = max(0, cfg.trials - done)
     bar = _progress(remaining, cfg.name, progress)
+
+    # one study page per study, not per worker: written by the worker whose trial completed the study
+    last = {"page": worker is None}
+
+    def on_trial(trial: optuna.trial.FrozenTrial) -> None:
+        bar.update(1)
+        if worker is not None:
+            workers.print_err(workers.trial_line(trial, worker))
+            last["page"] = sum(counts(study)[k] for k in ("complete", "pruned")) >= cfg.trials
+
     status = "FAILED"
     try:
-        if remaining:
-            study.optimize(
+        if not create_only and cfg.training.population > 1:  # K trials at once, one batched computation
+            from pipeline.population import optimize_population
+
+            optimize_population(
+                study,
+                ctx,
+                cfg.trials,
+                spec=spec,
+                sweep=lambda: workers.sweep(study, spec, mlflow, exp_id),
+                on_trial=on_trial,
+            )
+        elif not create_only:  # exactly cfg.trials in total, across workers, restarts and dead workers
+            workers.optimize(
+                study,
+                cfg.trials,
                 lambda trial: run_trial(trial, ctx),
-                n_trials=remaining,
-                callbacks=[
-                    optuna.study.MaxTrialsCallback(cfg.trials, states=FINISHED),
-                    lambda *_: bar.update(1),
-                ],
+                spec=spec,
+                sweep=lambda: workers.sweep(study, spec, mlflow, exp_id),
+                on_trial=on_trial,
             )
         status = "FINISHED"
     finally:
         bar.close()
         _finish_parent(mlflow, parent, study, status)
+    page = None
+    if not create_only and last["page"]:  # the study page; if it fails it warns, the trials stay
+        from pipeline.study_report import write_after_study
+
+        page = write_after_study(cfg, study, mlflow, parent, reports, spec)
     c = counts(study)
     best = _best(study)
     return StudyOutcome(
@@ -439,6 +540,7 @@ def run_study(
         best.value if best else None,
         reports,
         parent,
+        page,
     )
 
 

@@ -1,0 +1,497 @@
+"""Population training: K trials' MLPs trained at once as one batched computation.
+
+Each layer's weights are stacked as [K, in, out] and applied with one batched matmul
+(``torch.baddbmm``); lr, momentum and weight_decay are per-member tensors in the same hand-written
+update as ``pipeline.optim.ManualSGD``. Every member sees the batches ``pipeline.train.train``
+draws from ``training.seed`` (the trials of a study share it, so they share the order) and starts
+from its own model's weights, so in float64 the population ends where K separate ``train`` calls
+end, to round-off (tests/test_population.py).
+
+Members of one activation are stacked in groups (``plan_groups``); within a group, narrower members
+are zero-padded to the widest: a padded unit has zero weights in and out, so its output and every
+gradient that reaches it are exactly zero, and it stays zero. A group's size is capped so its
+activations stay in cache (``CPU_GROUP_ELEMENTS``; ``group_limit=None`` lifts the cap): on this
+CPU that batches tiny models (the 2-D studies) and leaves wide ones (CIFAR-2) one per group.
+A member that diverges, or whose callback asks to stop (pruning), is written back to its model
+and dropped from its group; the others go on.
+
+:func:`optimize_population` is the Optuna side: it asks K trials, trains them together and tells
+each its own outcome, each still with its own MLflow run and report (``pipeline.study``'s
+``begin_trial`` / ``epoch_callback`` / ``finish_trial``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import TrainingConfig
+from pipeline.data import Split
+from pipeline.model import MLP
+from pipeline.train import DTYPES, EpochRecord, Hyper, TrainResult, autocast, loss_fn, step_macs, step_threads
+
+Callback = Callable[[EpochRecord], bool | None]
+
+# On CPU a group holds at most this many hidden activations per layer (members x batch x width).
+# Measured here: past about 2**17 floats (512 KB, a core's share of L2) the batched elementwise
+# ops and the skinny batched matmuls (an output width of 2) run slower per member than one model
+# at a time, so wide members train in smaller groups (down to one) while tiny ones share a group.
+CPU_GROUP_ELEMENTS = 1 << 17
+# Nor is a member padded to more than this many times its own width: the padded units' elementwise
+# work is real work (tanh costs about 6 ns per element here), so 5 and 500 units share no group.
+MAX_PADDING = 4
+
+
+class StackedMLP:
+    """One group's parameters: per layer ``W`` [K, in, out] and ``b`` [K, 1, out], zero-padded."""
+
+    def __init__(self, models: Sequence[MLP], dtype: torch.dtype) -> None:
+        shapes = {(len(m.linears), m.linears[0].in_features, m.linears[-1].out_features) for m in models}
+        activations = {m.activation for m in models}
+        if len(shapes) != 1 or len(activations) != 1:
+            raise ValueError(
+                f"a stacked group needs one depth, input size, output size and activation; got "
+                f"{sorted(shapes)} and {sorted(activations)}"
+            )
+        depth, k = len(models[0].linears), len(models)
+        outs = [max(m.linears[i].out_features for m in models) for i in range(depth)]
+        ins = [models[0].linears[0].in_features, *outs[:-1]]
+        self.activation = activations.pop()
+        self.weights: list[torch.Tensor] = []
+        self.biases: list[torch.Tensor] = []
+        with torch.no_grad():
+            for i in range(depth):
+                w = torch.zeros(k, ins[i], outs[i], dtype=dtype)
+                b = torch.zeros(k, 1, outs[i], dtype=dtype)
+                for j, model in enumerate(models):
+                    layer = model.linears[i]
+                    w[j, : layer.in_features, : layer.out_features] = layer.weight.T
+                    b[j, 0, : layer.out_features] = layer.bias
+                self.weights.append(w.requires_grad_())
+                self.biases.append(b.requires_grad_())
+
+    @property
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for pair in zip(self.weights, self.biases, strict=True) for t in pair]
+
+    def __len__(self) -> int:
+        return len(self.weights[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [K, B, out] of every member on the shared batch ``x`` [B, in]."""
+        act = torch.relu if self.activation == "relu" else torch.tanh  # = nn.ReLU / nn.Tanh
+        single = len(self) == 1  # plain matmuls: on CPU faster than a batch of one
+        h = x if single else x.expand(len(self), *x.shape)
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            h = torch.addmm(b.squeeze(0), h, w.squeeze(0)) if single else torch.baddbmm(b, h, w)
+            if i < last:
+                h = act(h)
+        return h.unsqueeze(0) if single else h
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop every member not in ``rows`` (indices into the current stacks)."""
+        with torch.no_grad():
+            self.weights = [w.index_select(0, rows).requires_grad_() for w in self.weights]
+            self.biases = [b.index_select(0, rows).requires_grad_() for b in self.biases]
+
+    @torch.no_grad()
+    def export(self, row: int, model: MLP) -> None:
+        """Copy member ``row``'s weights (without the padding) into ``model``."""
+        for layer, w, b in zip(model.linears, self.weights, self.biases, strict=True):
+            layer.weight.copy_(w[row, : layer.in_features, : layer.out_features].T)
+            layer.bias.copy_(b[row, 0, : layer.out_features])
+
+
+class StackedSGD:
+    """``ManualSGD``'s hand-written rule on stacked parameters, one lr/momentum/decay per member.
+
+    For member k (dim 0 of every tensor):
+        g   = grad + weight_decay[k] * p
+        buf = g                        on the first step
+        buf = momentum[k] * buf + g    afterwards
+        p   = p - lr[k] * buf
+    With momentum 0 (or decay 0) a member's extra terms are exact zeros, so it gets ManualSGD's
+    arithmetic up to the rounding of a fused multiply-add; where every member has momentum 0 (or
+    decay 0) the line is skipped, as ManualSGD skips it. Each line is one ``torch._foreach_*``
+    call over all tensors (per-member values broadcast over each tensor).
+    """
+
+    def __init__(self, params: list[torch.Tensor], hypers: Sequence[Hyper]) -> None:
+        for h in hypers:
+            if h.lr <= 0 or not 0 <= h.momentum < 1 or h.weight_decay < 0:
+                raise ValueError(f"{h}: need lr > 0, momentum in [0, 1), weight_decay >= 0")
+        dtype = params[0].dtype
+        self.neg_lr = torch.tensor([-h.lr for h in hypers], dtype=dtype)
+        self.momentum = torch.tensor([h.momentum for h in hypers], dtype=dtype)
+        self.weight_decay = torch.tensor([h.weight_decay for h in hypers], dtype=dtype)
+        self.buffers: list[torch.Tensor] | None = None
+        self._bind(params)
+
+    def _bind(self, params: list[torch.Tensor]) -> None:
+        self.params = params
+        shapes = [(-1,) + (1,) * (p.dim() - 1) for p in params]  # one value per member
+        self._neg_lr = [self.neg_lr.view(s) for s in shapes]
+        self._momentum = [self.momentum.view(s) for s in shapes]
+        self._weight_decay = [self.weight_decay.view(s) for s in shapes]
+        self._decay, self._heavy_ball = bool(self.weight_decay.any()), bool(self.momentum.any())
+
+    @torch.no_grad()
+    def step(self) -> None:
+        g = [p.grad for p in self.params]
+        if self._decay:
+            g = torch._foreach_addcmul(g, self.params, self._weight_decay)  # grad + wd * p
+        if self._heavy_ball:
+            if self.buffers is None:
+                self.buffers = [t.clone() for t in g] if not self._decay else g  # first step: buf = g
+            else:
+                torch._foreach_mul_(self.buffers, self._momentum)
+                torch._foreach_add_(self.buffers, g)  # momentum * buf + g
+            g = self.buffers
+        torch._foreach_addcmul_(self.params, g, self._neg_lr)  # p - lr * buf
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def keep(self, rows: torch.Tensor, params: list[torch.Tensor]) -> None:
+        """Follow ``StackedMLP.keep``: the surviving members' tensors, hyperparameters and buffers."""
+        self.neg_lr, self.momentum, self.weight_decay = (
+            t.index_select(0, rows) for t in (self.neg_lr, self.momentum, self.weight_decay)
+        )
+        if self.buffers is not None:
+            self.buffers = [b.index_select(0, rows) for b in self.buffers]
+        self._bind(params)
+
+
+def member_losses(name: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each member's mean loss [K] on one batch (``pipeline.train.loss_fn`` per member)."""
+    k, n, classes = logits.shape
+    if name == "ce":
+        flat = F.cross_entropy(logits.reshape(k * n, classes), y if k == 1 else y.repeat(k), reduction="none")
+        return flat.view(k, n).mean(1)
+    target = F.one_hot(y, classes).to(logits.dtype).expand_as(logits)
+    return F.mse_loss(logits, target, reduction="none").mean((1, 2))
+
+
+def plan_groups(models: Sequence[MLP], batch: int, limit: int | None = CPU_GROUP_ELEMENTS) -> list[list[int]]:
+    """Which members train stacked together: one activation per group, at most ``limit`` hidden
+    activations (members x ``batch`` x widest layer) per group, and no member padded to more than
+    ``MAX_PADDING`` times its own width. ``limit=None``: one group per activation."""
+
+    def width(i: int) -> int:
+        return max((layer.out_features for layer in models[i].linears[:-1]), default=1)
+
+    groups: list[list[int]] = []
+    for i in sorted(range(len(models)), key=lambda i: (models[i].activation, width(i))):
+        group = groups[-1] if groups else None
+        if (
+            group is not None
+            and models[group[0]].activation == models[i].activation
+            and (
+                limit is None
+                or (
+                    (len(group) + 1) * batch * width(i) <= limit and width(i) <= MAX_PADDING * width(group[0])
+                )
+            )
+        ):
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+class _Group:
+    """Members trained as one batched computation, with their model indices."""
+
+    def __init__(self, members: list[int], models: Sequence[MLP], hypers: Sequence[Hyper], dtype) -> None:
+        self.members = members
+        self.stack = StackedMLP([models[i] for i in members], dtype)
+        self.optimizer = StackedSGD(self.stack.parameters, [hypers[i] for i in members])
+
+    def epoch(self, x, y, order, batch: int, config: TrainingConfig) -> tuple[list[float], list[float]]:
+        """One epoch of steps; every member's mean training loss and accuracy."""
+        n = len(x)
+        loss_sum = torch.zeros(len(self.members), dtype=torch.float64)
+        correct = torch.zeros(len(self.members), dtype=torch.long)
+        for start in range(0, n, batch):
+            if order is None:
+                xb, yb = x[start : start + batch], y[start : start + batch]
+            else:
+                idx = order[start : start + batch]
+                xb, yb = x.index_select(0, idx), y.index_select(0, idx)
+            self.optimizer.zero_grad()
+            with autocast(config.precision):
+                logits = self.stack.forward(xb)
+                if len(self.members) == 1:  # one member: its plain loss, no batched bookkeeping
+                    total = loss_fn(config.loss, logits.squeeze(0), yb)
+                    losses = total.detach().unsqueeze(0)
+                else:
+                    losses = member_losses(config.loss, logits, yb)
+                    total = losses.sum()  # members share no parameter: each gets its own gradient
+            total.backward()
+            self.optimizer.step()
+            loss_sum.add_(losses.detach(), alpha=len(yb))
+            correct += (logits.detach().argmax(2) == yb).sum(1)
+        return [s / n for s in loss_sum.tolist()], [c / n for c in correct.tolist()]
+
+    @torch.inference_mode()
+    def evaluate(self, x, y, loss: str, chunk: int = 8192) -> tuple[list[float], list[float]]:
+        """Every member's mean loss and accuracy over a split (``train.loss_and_accuracy``)."""
+        total = torch.zeros(len(self.members), dtype=torch.float64)
+        correct = torch.zeros(len(self.members), dtype=torch.long)
+        for start in range(0, len(x), chunk):
+            logits = self.stack.forward(x[start : start + chunk])
+            yb = y[start : start + chunk]
+            total += member_losses(loss, logits, yb).double() * len(yb)
+            correct += (logits.argmax(2) == yb).sum(1)
+        return [t / len(x) for t in total.tolist()], [c / len(x) for c in correct.tolist()]
+
+    def keep(self, rows: list[int]) -> None:
+        if not rows:
+            self.members = []
+            return
+        index = torch.tensor(rows, dtype=torch.long)
+        self.stack.keep(index)
+        self.optimizer.keep(index, self.stack.parameters)
+        self.members = [self.members[r] for r in rows]
+
+
+def train_population(
+    models: Sequence[MLP],
+    split: Split,
+    hypers: Sequence[Hyper],
+    config: TrainingConfig,
+    on_epoch: Sequence[Callback | None] | None = None,
+    group_limit: int | None = CPU_GROUP_ELEMENTS,
+) -> list[TrainResult]:
+    """Train every model in place; one result per model, as ``train`` would give it.
+
+    Members are stacked in groups (``plan_groups``); each group is one batched computation over
+    train()'s batches, and the groups run one after another (each keeps its working set in cache).
+    ``on_epoch[k]`` sees model k's epochs and may return True to stop that member alone. A
+    result's ``seconds`` is the wall time of its group's run until that member finished.
+    """
+    k = len(models)
+    on_epoch = list(on_epoch) if on_epoch is not None else [None] * k
+    if not k or len(hypers) != k or len(on_epoch) != k:
+        raise ValueError(
+            f"{k} models need as many hypers and callbacks, got {len(hypers)} and {len(on_epoch)}"
+        )
+    dtype = DTYPES[config.dtype]
+    for model in models:
+        model.to(dtype)
+    data = (split.x_train.to(dtype), split.y_train, split.x_val.to(dtype), split.y_val)
+    batch = config.batch_size or len(split.y_train)
+    results: list[TrainResult | None] = [None] * k
+    for members in plan_groups(models, batch, group_limit):
+        group = _Group(members, models, hypers, dtype)
+        with step_threads(sum(step_macs(models[i], batch) for i in members)):
+            for member, result in _train_group(group, models, config, on_epoch, data).items():
+                results[member] = result
+    return results  # type: ignore[return-value]
+
+
+def _train_group(group: _Group, models, config, on_epoch, data) -> dict[int, TrainResult]:
+    """``train``'s epochs for one group: the same batch order, per-member records and outcomes."""
+    x, y, x_val, y_val = data
+    n = len(x)
+    batch = config.batch_size or n
+    order_gen = torch.Generator().manual_seed(config.seed + 1)  # train()'s batch order
+    histories: dict[int, list[EpochRecord]] = {member: [] for member in group.members}
+    results: dict[int, TrainResult] = {}
+    started = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        order = torch.randperm(n, generator=order_gen) if config.shuffle else None
+        train_loss, train_acc = group.epoch(x, y, order, batch, config)
+        val_loss, val_acc = group.evaluate(x_val, y_val, config.loss)
+        keep = []
+        for row, member in enumerate(group.members):
+            outcome: dict[str, Any] = {}
+            if not math.isfinite(train_loss[row]):
+                record = EpochRecord(epoch, train_loss[row], train_acc[row], math.nan, math.nan)
+                outcome["diverged_at"] = epoch
+            else:
+                record = EpochRecord(epoch, train_loss[row], train_acc[row], val_loss[row], val_acc[row])
+                if not math.isfinite(val_loss[row]):
+                    outcome["diverged_at"] = epoch
+                elif on_epoch[member] is not None and on_epoch[member](record):
+                    outcome["stopped_at"] = epoch
+            histories[member].append(record)
+            if outcome or epoch == config.epochs:
+                group.stack.export(row, models[member])
+                results[member] = TrainResult(
+                    tuple(histories[member]), time.perf_counter() - started, **outcome
+                )
+            else:
+                keep.append(row)
+        if not keep:
+            break
+        if len(keep) < len(group.members):
+            group.keep(keep)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Optuna: ask K trials, train them together, tell each
+
+
+@contextlib.contextmanager
+def _optimize_loop(study) -> Iterator[None]:
+    """Run under the flag ``Study.optimize`` sets, so ``study.stop()`` works as it does there.
+
+    Optuna's GridSampler calls ``study.stop()`` from ``tell`` once its grid is used up, and
+    ``stop`` raises outside ``optimize``; inside, it sets the flag this driver then honours.
+    """
+    local = study._thread_local
+    before = local.in_optimize_loop
+    local.in_optimize_loop, study._stop_flag = True, False
+    try:
+        yield
+    finally:
+        local.in_optimize_loop = before
+
+
+@contextlib.contextmanager
+def _heartbeats(study, trials) -> Iterator[None]:
+    """On a database storage with a heartbeat, beat for every trial of the round while it trains
+    (what ``Study.optimize`` does for its one trial), so other workers never fail them as stale."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    with contextlib.ExitStack() as stack:
+        for trial in trials:
+            stack.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
+        yield
+
+
+def optimize_population(
+    study,
+    ctx,
+    total: int,
+    *,
+    spec: str,
+    sweep: Callable[[], Any] | None = None,
+    on_trial: Callable[[Any], None] | None = None,
+) -> None:
+    """Run trials ``training.population`` at a time until the study holds ``total`` finished ones.
+
+    Like ``pipeline.worker.optimize``, and sharing its allocation lock, worker id and sweep: each
+    round asks as many trials as there are free slots (``total`` - complete - pruned - running),
+    at most K, trains them as one population and tells each its own outcome. A process with no
+    free slot returns rather than wait for other workers' trials. Interrupted trials (a signal,
+    Ctrl-C, a disk error) end FAIL and are queued to run again.
+    """
+    from optuna.trial import TrialState
+
+    from pipeline import worker as workers
+
+    lock = workers.AllocationLock(spec, study.study_name)
+    try:
+        with _optimize_loop(study):
+            while not study._stop_flag:
+                if sweep is not None:
+                    sweep()
+                lock.acquire()
+                try:
+                    states = [t.state for t in study.get_trials(deepcopy=False)]
+                    busy = sum(
+                        states.count(s) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+                    )
+                    size = min(ctx.cfg.training.population, total - busy)
+                    if size <= 0:
+                        return
+                    trials = [study.ask() for _ in range(size)]
+                finally:
+                    lock.release()
+                for trial in trials:
+                    trial.set_user_attr("worker", workers.worker_id())
+                _run_round(study, trials, ctx, on_trial)
+    finally:
+        lock.close()
+
+
+def _run_round(study, trials, ctx, on_trial: Callable[[Any], None] | None) -> None:
+    """Begin every trial's MLflow run, train them together, then finish, report and tell each."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from pipeline import tracking
+    from pipeline import worker as workers
+    from pipeline.study import StudyError, begin_trial, build_model, epoch_callback, finish_trial
+
+    plans: dict[int, Any] = {}  # trial number -> TrialPlan
+    closed: set[int] = set()  # trials told, their MLflow run ended
+    failure: BaseException | None = None
+    try:
+        for trial in trials:
+            plans[trial.number] = begin_trial(trial, ctx)
+        members = [plans[t.number] for t in trials]
+        models = [build_model(ctx, plan) for plan in members]
+        buffers = [tracking.MetricBuffer(ctx.mlflow, plan.run_id) for plan in members]
+        callbacks = [epoch_callback(t, ctx, b) for t, b in zip(trials, buffers, strict=True)]
+        try:
+            with _heartbeats(study, trials):
+                results = train_population(
+                    models, ctx.split, [plan.hyper for plan in members], ctx.cfg.training, callbacks
+                )
+        finally:
+            for buffer in buffers:
+                buffer.flush()
+        for trial, plan, model, result in zip(trials, members, models, results, strict=True):
+            status = "FAILED"
+            try:
+                value = finish_trial(trial, ctx, plan, model, result)
+                study.tell(trial, value)
+                status = "FINISHED"
+            except optuna.TrialPruned:
+                study.tell(trial, state=TrialState.PRUNED)
+                status = "FINISHED"
+            except Exception as exc:  # this trial fails; the round's others still finish
+                with contextlib.suppress(Exception):
+                    trial.set_user_attr("reason", f"{type(exc).__name__}: {exc}"[:1000])
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                failure = failure or exc
+            finally:
+                ctx.mlflow.set_terminated(plan.run_id, status)
+                closed.add(trial.number)
+            if on_trial is not None:
+                on_trial(_frozen(study, trial.number))
+    except (workers.Terminated, KeyboardInterrupt, StudyError, OSError) as exc:
+        # Interrupted: every trial not yet told is failed and queued to run again.
+        open_trials = [t for t in trials if t.number not in closed]
+        _fail(study, open_trials, plans, ctx)
+        for trial in open_trials:
+            workers.Retry()(study, _frozen(study, trial.number))
+        numbers = ", ".join(str(t.number) for t in open_trials)
+        if isinstance(exc, OSError):
+            raise StudyError(workers.write_error(exc, f"trials {numbers}")) from exc
+        with contextlib.suppress(AttributeError):
+            exc.trial = numbers  # for the exit message
+        raise
+    except BaseException:
+        _fail(study, [t for t in trials if t.number not in closed], plans, ctx)
+        raise
+    if isinstance(failure, OSError):
+        raise StudyError(workers.write_error(failure, "a trial's report")) from failure
+    if failure is not None:
+        raise failure
+
+
+def _frozen(study, number: int):
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+
+
+def _fail(study, trials, plans, ctx) -> None:
+    """Tell FAIL and end the MLflow run of each trial: no trial left RUNNING, no run left open."""
+    from optuna.trial import TrialState
+
+    for trial in trials:
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        if trial.number in plans:
+            ctx.mlflow.set_terminated(plans[trial.number].run_id, "FAILED")
