@@ -423,6 +423,12 @@ def _rerun(cfg, folder, storage, tracking_uri, reports_root, trials, progress, n
         status = "FINISHED"
     finally:
         mlflow.set_terminated(run_id, status)
+    try:  # the study page gets the new record in its Reruns section; the record is kept regardless
+        from pipeline.study_report import regenerate
+
+        regenerate(cfg, storage=storage, tracking_uri=tracking_uri, reports_root=reports_root)
+    except Exception as exc:
+        log.warning("study page not refreshed (%s); `pipeline report` rebuilds it", exc)
     log.info("%s", summary_line(record, drift))
     return RerunOutcome(record, drift, history_path, run_id)
 

@@ -567,6 +567,11 @@ def write_study_page(
             )
         report.write_json(tmp / "study_summary.json", summary.to_dict())
         sections = _sections(cfg, study, summary, frame, outputs, figures, forest, confusion, sources)
+        from pipeline.rerun import rerun_section_html
+
+        reruns = rerun_section_html(page_dir)
+        if reruns is not None:
+            sections.insert(-1, ("Reruns", reruns))
         text = report.html_page(f"Study {cfg.name}", sections)
     page = page_dir / PAGE
     part = page.with_name(f".{PAGE}.tmp")

@@ -168,6 +168,8 @@ def test_rerun_twice_reproduces_the_selection_adds_a_record_and_no_trials(worksp
     section = rerun_section_html(folder)
     assert section.count("<tr>") == 3 and "no drift" in section and "data:image/png" in section
     assert rerun_section_html(workspace["root"]) is None
+    # the study page is refreshed after each rerun and carries the same section
+    assert section in (folder / "index.html").read_text()
 
     # a raised trial target continues the study; the selection may move, and drift says so
     third = _rerun(tiny_study(trials=1, rerun={"seeds": 3, "first_seed": 0, "trials": 2}), workspace)
