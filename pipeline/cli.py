@@ -144,11 +144,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         worker=index,
         create_only=args.create_only,
     )
-    verb = "created" if args.create_only else "holds"
-    print(
-        f"study {outcome.name} {verb}: {outcome.n_complete} complete, {outcome.n_pruned} pruned, "
-        f"{outcome.n_failed} failed (worker {index}, pid {os.getpid()})"
-    )
+    counted = f"{outcome.n_complete} complete, {outcome.n_pruned} pruned, {outcome.n_failed} failed"
+    if args.create_only:
+        print(f"study {outcome.name} ready for workers: {counted}")
+    else:
+        print(f"study {outcome.name} holds: {counted} (worker {index}, pid {os.getpid()})")
     return 0
 
 

@@ -91,7 +91,9 @@ def open_storage(spec: str) -> optuna.storages.BaseStorage:
     path = Path(spec)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        backend = optuna.storages.journal.JournalFileBackend(str(path))
+        # an absolute path: Optuna's lock is a symlink to the journal, and a relative target dangles,
+        # which turns its wait for a busy lock into a busy loop (no back-off, no stale-lock release)
+        backend = optuna.storages.journal.JournalFileBackend(str(path.resolve()))
     except OSError as exc:
         raise StudyError(f"cannot open Optuna journal {path}: {exc}") from None
     return optuna.storages.journal.JournalStorage(backend)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import errno
 import fcntl
 import hashlib
@@ -41,6 +42,7 @@ HEARTBEAT_ENV = "PIPELINE_HEARTBEAT_SECONDS"  # heartbeat interval on database s
 DEFAULT_HEARTBEAT = 30  # seconds; a dead worker's trial is failed after 3 intervals without one
 MAX_RETRY = 2  # an interrupted or killed configuration runs at most 1 + MAX_RETRY times
 POLL_SECONDS = 2.0  # how often an idle worker looks at trials other workers are running
+UNCLAIMED_SECONDS = 60  # a RUNNING trial with no worker id after this long is not waited for
 LOCK_TIMEOUT = 120  # seconds to wait for the allocation lock on PostgreSQL before giving up
 
 
@@ -401,7 +403,11 @@ def _worth_waiting(study: optuna.Study, spec: str) -> bool:
         return True
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         wid = trial.user_attrs.get("worker")
-        if wid is None or process_alive(str(wid)):  # (no id yet: asked a moment ago)
+        if wid is None:  # no id yet: asked a moment ago (or by a process that died right then)
+            started = trial.datetime_start or datetime.datetime.now()
+            if (datetime.datetime.now() - started).total_seconds() < UNCLAIMED_SECONDS:
+                return True
+        elif process_alive(str(wid)):
             return True
     return False
 

@@ -56,7 +56,13 @@ def _assert_same(single, population):
 
 @pytest.mark.parametrize(
     ("loss", "shuffle", "batch_size", "limit"),
-    [("ce", True, 32, None), ("mse", False, 32, None), ("ce", True, 0, None), ("ce", True, 32, 2000)],
+    [
+        ("ce", True, 32, None),  # one group per activation: stacking and padding
+        ("mse", False, 32, None),
+        ("ce", True, 0, None),  # full batch
+        ("ce", True, 32, 2000),  # small groups and single members
+        ("mse", True, 32, 1),  # every member alone
+    ],
 )
 def test_population_equals_separate_runs(split, loss, shuffle, batch_size, limit):
     config = TrainingConfig(
@@ -182,12 +188,12 @@ def _trials(ws, name):
     return optuna.load_study(study_name=name, storage=storage).trials
 
 
-def _grid_study(name, population, trials=3):
+def _grid_study(name, population, trials, lr=(1e200, 0.05)):
     return tiny_study(
         name=name,
         trials=trials,
         sampler__kind="grid",
-        search__lr={"choices": [0.05, 1e200, 0.2]},
+        search__lr={"choices": list(lr)},
         search__momentum={"choices": [0.0, 0.9]},
         model__activation="relu",
         training__dtype="float64",
@@ -198,12 +204,12 @@ def _grid_study(name, population, trials=3):
 @pytest.mark.slow
 def test_population_study_gives_the_same_trials_as_one_at_a_time(workspace):
     """Oracle: the population = 1 study of the same grid (the grid assigns params by trial number)."""
-    one = _run(_grid_study("one", 1, trials=4), workspace)
-    many = _run(_grid_study("many", 3, trials=4), workspace)  # rounds of 3 and 1
+    one = _run(_grid_study("one", 1, trials=3), workspace)
+    many = _run(_grid_study("many", 2, trials=3), workspace)  # rounds of 2 and 1
     a, b = _trials(workspace, "one"), _trials(workspace, "many")
-    assert len(a) == len(b) == 4  # the cap, exactly
+    assert len(a) == len(b) == 3  # the cap, exactly
     assert (many.n_complete, many.n_pruned, many.n_failed) == (one.n_complete, one.n_pruned, 0)
-    assert one.n_pruned >= 1  # lr = 1e200 diverged: PRUNED with its reason, in both
+    assert one.n_pruned >= 1 and one.n_complete >= 1  # lr = 1e200 diverged: PRUNED, with its reason
     for ta, tb in zip(a, b, strict=True):
         assert ta.params == tb.params and ta.state == tb.state
         if ta.state == TrialState.COMPLETE:
@@ -225,7 +231,7 @@ def test_population_study_gives_the_same_trials_as_one_at_a_time(workspace):
     one_runs = _runs_by_trial(client, "one")
     many_runs = _runs_by_trial(client, "many")
     for number, run in many_runs.items():
-        assert run.data.params["training.population"] == "3"
+        assert run.data.params["training.population"] == "2"
         history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_loss"))
         reference = sorted(
             (m.step, m.value) for m in client.get_metric_history(one_runs[number].info.run_id, "val_loss")
@@ -233,8 +239,8 @@ def test_population_study_gives_the_same_trials_as_one_at_a_time(workspace):
         assert [s for s, _ in history] == [s for s, _ in reference]
         assert [v for _, v in history] == pytest.approx([v for _, v in reference], abs=1e-12, nan_ok=True)
     # resuming with a larger total asks only the missing trials
-    _run(_grid_study("many", 3, trials=5), workspace)
-    assert len(_trials(workspace, "many")) == 5
+    _run(_grid_study("many", 2, trials=4), workspace)
+    assert len(_trials(workspace, "many")) == 4
 
 
 def _runs_by_trial(client, name):
@@ -248,7 +254,7 @@ def _runs_by_trial(client, name):
 
 @pytest.mark.slow
 def test_a_failing_member_fails_alone_and_every_run_is_closed(workspace, monkeypatch):
-    cfg = _grid_study("fails", 3, trials=3)
+    cfg = _grid_study("fails", 2, trials=2, lr=(0.05, 0.2))
     real = pipeline.study.finish_trial
 
     def finish(trial, *args):
@@ -260,8 +266,8 @@ def test_a_failing_member_fails_alone_and_every_run_is_closed(workspace, monkeyp
     with pytest.raises(RuntimeError, match="report stage broke"):
         _run(cfg, workspace)
     trials = _trials(workspace, "fails")
-    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
     assert "report stage broke" in trials[1].user_attrs["reason"]
     client = MlflowClient(workspace["tracking_uri"])
     runs = _runs_by_trial(client, "fails")
-    assert {n: r.info.status for n, r in runs.items()} == {0: "FINISHED", 1: "FAILED", 2: "FINISHED"}
+    assert {n: r.info.status for n, r in runs.items()} == {0: "FINISHED", 1: "FAILED"}

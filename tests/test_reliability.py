@@ -29,6 +29,8 @@ from pipeline.model import build_mlp
 from pipeline.study import StudyError, _redact, load_weights, open_storage, open_study, run_study
 from tests.conftest import tiny_study
 from tests.test_workers import (
+    FASHION,
+    fast_study,
     load,
     mid_trial,
     postgres,  # noqa: F401 - the module-scoped server fixture
@@ -36,6 +38,7 @@ from tests.test_workers import (
     trial_runs,
     wait_for,
     worker_env,
+    write_fashion,
     write_study,
 )
 
@@ -51,6 +54,8 @@ def env(tmp_path, monkeypatch):
     values = worker_env(tmp_path, spec, PIPELINE_HEARTBEAT_SECONDS="1")
     for key in ("OPTUNA_STORAGE", "MLFLOW_TRACKING_URI", "PIPELINE_HEARTBEAT_SECONDS"):
         monkeypatch.setenv(key, values[key])
+    # the study page is tested elsewhere; here it would only add seconds to every in-process run
+    monkeypatch.setattr("pipeline.study_report.write_after_study", lambda *a, **k: None)
     return values
 
 
@@ -66,11 +71,11 @@ def _use_storage(env, monkeypatch, spec: str) -> None:
 def _kill_9_mid_trial_then_heal(tmp_path, env) -> None:
     spec, uri = env["OPTUNA_STORAGE"], env["MLFLOW_TRACKING_URI"]
     storage = open_storage(spec)
-    run_study(tiny_study(trials=1), progress=False)  # one trial completed before the crash
+    write_study(tmp_path, trials=2, dataset=dict(FASHION))
+    run_study(fast_study(trials=1), progress=False)  # one trial completed before the crash
     done = load(spec, storage=storage).trials[0]
     assert done.state == TrialState.COMPLETE
 
-    write_study(tmp_path, trials=2)
     proc = start_worker(tmp_path, env, "--epochs", LONG, "--index", "1", log="killed.log")
     wait_for("a trial mid-way", mid_trial(spec, storage), [(proc, tmp_path / "killed.log")])
     proc.kill()
@@ -82,7 +87,7 @@ def _kill_9_mid_trial_then_heal(tmp_path, env) -> None:
     runs, _, _ = trial_runs(uri)
     assert {r.data.tags["optuna_trial"]: r.info.status for r in runs}["1"] == "RUNNING"
 
-    outcome = run_study(tiny_study(trials=2), progress=False)  # another worker, or a rerun
+    outcome = run_study(fast_study(trials=2), progress=False)  # another worker, or a rerun
     assert (outcome.n_complete + outcome.n_pruned, outcome.n_failed) == (2, 1)
     trials = load(spec, storage=storage).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
@@ -118,7 +123,7 @@ def test_kill_9_mid_trial_on_postgresql(tmp_path, env, monkeypatch, postgres):  
 def test_signal_fails_the_trial_closes_its_run_and_a_rerun_resumes(tmp_path, env, signum, code, name):
     spec, uri = env["OPTUNA_STORAGE"], env["MLFLOW_TRACKING_URI"]
     storage = open_storage(spec)
-    write_study(tmp_path, trials=1)
+    write_study(tmp_path, trials=1, dataset=dict(FASHION))
     proc = start_worker(tmp_path, env, "--epochs", LONG, "--index", "1", log="worker.log")
     wait_for("a trial mid-way", mid_trial(spec, storage), [(proc, tmp_path / "worker.log")])
     proc.send_signal(signum)
@@ -133,7 +138,7 @@ def test_signal_fails_the_trial_closes_its_run_and_a_rerun_resumes(tmp_path, env
     assert [r.info.status for r in runs] == ["FAILED"]  # closed by the worker itself
     assert parents[0].info.status == "FAILED"
 
-    outcome = run_study(tiny_study(trials=1), progress=False)
+    outcome = run_study(fast_study(trials=1), progress=False)
     assert (outcome.n_complete, outcome.n_failed) == (1, 1)
     resumed = load(spec, storage=storage).trials[1]
     assert resumed.state == TrialState.COMPLETE and resumed.params == stopped.params
@@ -259,9 +264,10 @@ def test_an_unwritable_output_folder_stops_before_any_trial(env, tmp_path, folde
 def test_a_full_disk_mid_study_stops_with_one_error_and_keeps_finished_trials(env, tmp_path):
     spec, uri = env["OPTUNA_STORAGE"], env["MLFLOW_TRACKING_URI"]
     reports = tmp_path / "reports" / "tiny"
+    write_fashion(tmp_path)
     full = _fail_writes_under(reports, errno.ENOSPC, when=lambda p: "trial-0001" in p)
     with full, pytest.raises(StudyError) as caught:
-        run_study(tiny_study(trials=2), progress=False)
+        run_study(fast_study(trials=2), progress=False)
     message = str(caught.value)
     assert message.startswith("trial 1: cannot write ") and "No space left on device" in message
     assert "Free some space, then run the same command again" in message
@@ -273,7 +279,7 @@ def test_a_full_disk_mid_study_stops_with_one_error_and_keeps_finished_trials(en
     runs, _, _ = trial_runs(uri)
     assert {r.data.tags["optuna_trial"]: r.info.status for r in runs} == {"0": "FINISHED", "1": "FAILED"}
 
-    run_study(tiny_study(trials=2), progress=False)  # space freed: the rerun resumes
+    run_study(fast_study(trials=2), progress=False)  # space freed: the rerun resumes
     trials = load(spec).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     assert trials[2].params == full.params and (reports / "trial-0002" / "report.html").exists()

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from mlflow import MlflowClient
@@ -23,6 +25,7 @@ from optuna.trial import TrialState
 from pipeline import cli
 from pipeline.config import parse_study
 from pipeline.study import open_storage, run_study
+from pipeline.worker import process_alive, worker_id
 from tests.conftest import TINY, tiny_study
 from tests.postgres import find_bindir, postgres_server
 
@@ -41,6 +44,29 @@ def postgres():
 
 # ----------------------------------------------------------------------------------------------
 # Helpers shared with test_reliability.py
+
+# A small Fashion-MNIST written by ``write_fashion``: trials take a fraction of a second, with none
+# of the synthetic source's ground-truth measurements (which cost seconds per trial).
+FASHION = {"source": "fashion2", "classes": ["Pullover", "Bag"], "root": "data", "download": False}
+
+
+def write_fashion(folder: Path, per_class: tuple[int, int] = (16, 8)) -> None:
+    """Pullover (2) vs Bag (8) in the real idx format under ``folder/data``; bags are darker on top."""
+    rng = np.random.default_rng(0)
+    raw = folder / "data" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n in zip(("train", "t10k"), per_class, strict=True):
+        labels = np.repeat(np.array([2, 8], dtype=np.uint8), n)
+        images = rng.integers(0, 256, (2 * n, 28, 28), dtype=np.uint8)
+        images[labels == 8, :14] //= 4
+        header = struct.pack(">IIII", 2051, 2 * n, 28, 28)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, 2 * n) + labels.tobytes())
+
+
+def fast_study(**changes):
+    """``tiny_study`` on the ``write_fashion`` data."""
+    return tiny_study(dataset=dict(FASHION), **changes)
 
 
 def _toml_value(value) -> str:
@@ -71,6 +97,8 @@ def write_study(folder: Path, **changes) -> Path:
             lines += ["", f"[{section}]", *(f"{k} = {_toml_value(v)}" for k, v in table.items())]
     path = folder / "study.toml"
     path.write_text("\n".join(lines) + "\n")
+    if raw["dataset"].get("source") == "fashion2":
+        write_fashion(folder)
     return path
 
 
@@ -191,13 +219,13 @@ def assert_one_run_per_trial(tracking_uri: str, trials) -> None:
 
 @pytest.mark.reliability
 def test_four_local_workers_share_the_journal_without_lost_or_extra_trials(tmp_path):
-    write_study(tmp_path, trials=6)
+    write_study(tmp_path, trials=5, dataset=dict(FASHION))
     spec = str(tmp_path / "storage" / "tiny.journal")
     env = worker_env(tmp_path, spec)
     logs = run_workers(tmp_path, env, 4)
 
-    trials = assert_exactly(load(spec), 6)
-    assert len({t.params["lr"] for t in trials}) == 6  # workers' samplers are seeded apart
+    trials = assert_exactly(load(spec), 5)
+    assert len({t.params["lr"] for t in trials}) == 5  # workers' samplers are seeded apart
     assert all(t.user_attrs["worker"].split(":")[1].isdigit() for t in trials)
     assert_one_run_per_trial(env["MLFLOW_TRACKING_URI"], trials)
     for log in logs:
@@ -209,7 +237,7 @@ def test_four_local_workers_share_the_journal_without_lost_or_extra_trials(tmp_p
 @pytest.mark.reliability
 def test_three_workers_on_postgresql_and_the_password_is_never_logged(tmp_path, postgres):
     url = postgres.create_database("workers")
-    write_study(tmp_path, trials=4)
+    write_study(tmp_path, trials=4, dataset=dict(FASHION))
     env = worker_env(tmp_path, url)
     logs = run_workers(tmp_path, env, 3)
 
@@ -251,3 +279,20 @@ def test_a_grid_study_stops_when_its_points_are_done(workspace):
     assert (outcome.n_complete, outcome.n_failed) == (2, 0)
     trials = assert_exactly(load(workspace["storage"]), 2)
     assert sorted(t.params["lr"] for t in trials) == [0.05, 0.2]
+
+
+def test_a_worker_id_tells_live_dead_reused_and_foreign_processes_apart():
+    """The journal sweep's oracle for "this trial's worker is gone": /proc (pid and start time)."""
+    me = worker_id()
+    assert process_alive(me) is True
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        alive = worker_id(child.pid)
+        assert process_alive(alive) is True
+    finally:
+        child.kill()
+        child.wait()
+    assert process_alive(alive) is False  # killed and reaped
+    host, pid, ticks = me.rsplit(":", 2)
+    assert process_alive(f"{host}:{pid}:{int(ticks) + 1}") is False  # same pid, another process
+    assert process_alive(f"elsewhere.example:{pid}:{ticks}") is None  # another host: cannot tell
