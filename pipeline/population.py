@@ -1,4 +1,4 @@
-"""Population training: K trials' MLPs trained at once as one batched computation.
+"""Population training: K trials' MLPs trained together, similar ones as one batched computation.
 
 Each layer's weights are stacked as [K, in, out] and applied with one batched matmul
 (``torch.baddbmm``); lr, momentum and weight_decay are per-member tensors in the same hand-written
@@ -7,11 +7,12 @@ draws from ``training.seed`` (the trials of a study share it, so they share the 
 from its own model's weights, so in float64 the population ends where K separate ``train`` calls
 end, to round-off (tests/test_population.py).
 
-Members of one activation are stacked in groups (``plan_groups``); within a group, narrower members
-are zero-padded to the widest: a padded unit has zero weights in and out, so its output and every
-gradient that reaches it are exactly zero, and it stays zero. A group's size is capped so its
-activations stay in cache (``CPU_GROUP_ELEMENTS``; ``group_limit=None`` lifts the cap): on this
-CPU that batches tiny models (the 2-D studies) and leaves wide ones (CIFAR-2) one per group.
+Members of one activation are stacked in groups (``plan_groups``), trained one group after
+another; within a group, narrower members are zero-padded to the widest: a padded unit has zero
+weights in and out, so its output and every gradient that reaches it are exactly zero, and it
+stays zero. A group's size is capped so its activations stay in cache (``CPU_GROUP_ELEMENTS``,
+``MAX_PADDING``; ``group_limit=None`` lifts both): on this CPU that batches tiny models (the 2-D
+studies) and leaves wide ones (CIFAR-2) one per group.
 A member that diverges, or whose callback asks to stop (pruning), is written back to its model
 and dropped from its group; the others go on.
 
