@@ -24,15 +24,20 @@ TINY = {
 }
 
 
-def tiny_study(**changes):
-    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY.items()}
+def with_changes(base, **changes):
+    """A copy of a study document with ``section__key=value`` changes applied."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
     for dotted, value in changes.items():
         *path, key = dotted.split("__")
         table = raw
         for part in path:
             table = table.setdefault(part, {})
         table[key] = value
-    return parse_study(raw, "studies/tiny.toml")
+    return raw
+
+
+def tiny_study(**changes):
+    return parse_study(with_changes(TINY, **changes), "studies/tiny.toml")
 
 
 @pytest.fixture

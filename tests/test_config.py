@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, load_study, parse_study
+from tests.conftest import with_changes
 
 STUDIES = sorted(Path("studies").glob("*.toml"))
 BASE = {
@@ -17,14 +18,7 @@ BASE = {
 
 
 def _with(**changes):
-    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in BASE.items()}
-    for dotted, value in changes.items():
-        *path, key = dotted.split("__")
-        table = raw
-        for part in path:
-            table = table.setdefault(part, {})
-        table[key] = value
-    return raw
+    return with_changes(BASE, **changes)
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])

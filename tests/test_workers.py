@@ -26,7 +26,7 @@ from pipeline import cli
 from pipeline.config import parse_study
 from pipeline.study import open_storage, run_study
 from pipeline.worker import process_alive, worker_id
-from tests.conftest import TINY, tiny_study
+from tests.conftest import TINY, tiny_study, with_changes
 from tests.postgres import find_bindir, postgres_server
 
 PG_BINDIR = find_bindir()
@@ -83,13 +83,7 @@ def _toml_value(value) -> str:
 
 def write_study(folder: Path, **changes) -> Path:
     """tests/conftest.py's tiny study (same ``a__b`` changes as ``tiny_study``) as a TOML file."""
-    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY.items()}
-    for dotted, value in changes.items():
-        *path, key = dotted.split("__")
-        table = raw
-        for part in path:
-            table = table.setdefault(part, {})
-        table[key] = value
+    raw = with_changes(TINY, **changes)
     parse_study(raw, "check")  # a typo in a test fails here, not in a subprocess
     lines = [f"{k} = {_toml_value(v)}" for k, v in raw.items() if not isinstance(v, dict)]
     for section, table in raw.items():
