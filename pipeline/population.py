@@ -35,7 +35,17 @@ import torch.nn.functional as F
 from pipeline.config import TrainingConfig
 from pipeline.data import Split
 from pipeline.model import MLP
-from pipeline.train import DTYPES, EpochRecord, Hyper, TrainResult, autocast, loss_fn, step_macs, step_threads
+from pipeline.train import (
+    DTYPES,
+    EpochRecord,
+    Hyper,
+    TrainResult,
+    autocast,
+    batches,
+    loss_fn,
+    step_macs,
+    step_threads,
+)
 
 Callback = Callable[[EpochRecord], bool | None]
 
@@ -221,12 +231,7 @@ class _Group:
         n = len(x)
         loss_sum = torch.zeros(len(self.members), dtype=torch.float64)
         correct = torch.zeros(len(self.members), dtype=torch.long)
-        for start in range(0, n, batch):
-            if order is None:
-                xb, yb = x[start : start + batch], y[start : start + batch]
-            else:
-                idx = order[start : start + batch]
-                xb, yb = x.index_select(0, idx), y.index_select(0, idx)
+        for xb, yb in batches(x, y, order, batch):
             self.optimizer.zero_grad()
             with autocast(config.precision):
                 logits = self.stack.forward(xb)

@@ -130,6 +130,16 @@ def step_macs(model: torch.nn.Module, batch: int) -> int:
     return batch * sum(m.in_features * m.out_features for m in linears)
 
 
+def batches(x: torch.Tensor, y: torch.Tensor, order: torch.Tensor | None, batch: int):
+    """Mini-batches as slices of ``order`` (a permutation), or of the data itself when None."""
+    for start in range(0, len(x), batch):
+        if order is None:
+            yield x[start : start + batch], y[start : start + batch]
+        else:
+            idx = order[start : start + batch]
+            yield x.index_select(0, idx), y.index_select(0, idx)
+
+
 def train(
     model: torch.nn.Module,
     split: Split,
@@ -160,12 +170,7 @@ def _train(model, split, hyper, config, on_epoch) -> TrainResult:
         order = torch.randperm(n, generator=order_gen) if config.shuffle else None
         loss_sum = torch.zeros((), dtype=torch.float64)
         correct = torch.zeros((), dtype=torch.long)
-        for start in range(0, n, batch):
-            if order is None:
-                xb, yb = x[start : start + batch], y[start : start + batch]
-            else:
-                idx = order[start : start + batch]
-                xb, yb = x.index_select(0, idx), y.index_select(0, idx)
+        for xb, yb in batches(x, y, order, batch):
             optimizer.zero_grad()
             if config.backward == "manual":
                 loss, logits = set_manual_gradients(model, xb, yb, config.loss)
