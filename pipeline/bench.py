@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import files
 from pipeline.config import DatasetConfig, TrainingConfig
 from pipeline.data import DataError, Split, load_split
 from pipeline.model import build_mlp
@@ -773,9 +774,5 @@ def write_reports(result: BenchResult, folder: Path, provenance: dict[str, str] 
     }
     paths = []
     for name, text in blobs.items():
-        path = folder / name
-        tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-        paths.append(path)
+        paths.append(files.write_text(folder / name, text))
     return paths

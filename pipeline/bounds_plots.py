@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -18,6 +16,7 @@ from matplotlib.lines import Line2D
 from numpy.typing import ArrayLike, NDArray
 
 from pipeline.bounds import Coverage, Interval
+from pipeline.files import save_figure
 
 _STYLE = {True: dict(linestyle="-", color="tab:green"), False: dict(linestyle="--", color="tab:orange")}
 _KIND = {True: "guaranteed", False: "approximate"}
@@ -69,7 +68,7 @@ def plot_bounds(
     ]
     handles += [Line2D([], [], linewidth=2, label=f"{_KIND[g]} interval", **_STYLE[g]) for g in (True, False)]
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path, dpi=100)
 
 
 def plot_true_distribution(
@@ -93,7 +92,7 @@ def plot_true_distribution(
     ax.set_xlabel("test error")
     ax.set_ylabel("density")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path, dpi=100)
 
 
 def plot_coverage(coverages: Sequence[Coverage], path: str | os.PathLike[str]) -> None:
@@ -115,23 +114,10 @@ def plot_coverage(coverages: Sequence[Coverage], path: str | os.PathLike[str]) -
         fontsize=8,
     )
     ax.set_title("Coverage of the true error")
-    _save(fig, path)
+    save_figure(fig, path, dpi=100)
 
 
 def _limit_coverage_axis(ax: Axes, values: Sequence[float]) -> None:
     finite = [v for v in values if math.isfinite(v)]
     low = min(finite, default=0.0)
     ax.set_ylim(max(0.0, low - 0.05), 1.005)
-
-
-def _save(fig: Figure, path: str | os.PathLike[str]) -> None:
-    """Write a PNG to a temporary file in the target folder, then move it into place atomically."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")  # plain umask permissions
-    try:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

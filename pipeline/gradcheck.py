@@ -19,11 +19,9 @@ import copy
 import json
 import math
 import os
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from pipeline.backprop import manual_gradients
+from pipeline.files import save_figure, write_text
 from pipeline.model import MLP
 
 ROUNDOFF_MARGIN = 10.0  # an error within this factor of the round-off estimate is noise
@@ -241,18 +240,6 @@ def format_table(result: GradcheckResult) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write to a fresh temporary file beside ``path``, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as handle:  # plain open: the usual umask-based permissions
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _json_safe(value: float) -> float | None:
     return None if math.isnan(value) else value
 
@@ -310,7 +297,6 @@ def save_gradcheck(result: GradcheckResult, folder: str | os.PathLike[str]) -> t
     }
     text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
     json_path, png_path = folder / "gradcheck.json", folder / "gradcheck.png"
-    _atomic_write(json_path, lambda handle: handle.write(text.encode()))
-    figure = _figure(result)
-    _atomic_write(png_path, lambda handle: figure.savefig(handle, format="png", dpi=120))
+    write_text(json_path, text)
+    save_figure(_figure(result), png_path, dpi=120, tight=False)
     return json_path, png_path

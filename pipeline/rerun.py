@@ -41,7 +41,7 @@ import numpy as np
 import optuna
 from matplotlib.figure import Figure
 
-from pipeline import bounds, report, tracking
+from pipeline import bounds, files, report, tracking
 from pipeline.config import ConfigError, StudyConfig
 from pipeline.data import DataError, Split, load_split
 from pipeline.evaluate import evaluate
@@ -287,7 +287,7 @@ def load_history(path: Path) -> list[dict[str, Any]]:
 
 def save_history(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
     """Write the whole history through a temporary file and a rename."""
-    report.write_json(path, {"version": HISTORY_VERSION, "reruns": list(records)})
+    files.write_json(path, {"version": HISTORY_VERSION, "reruns": list(records)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,7 +491,7 @@ def _log_run(mlflow, run_id: str, record: dict[str, Any], results, drift: Drift,
         tracking.log(mlflow, run_id, metrics={"seed_test_error": r.test_error}, step=r.seed)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "rerun.json"
-        report.write_json(path, record)
+        files.write_json(path, record)
         mlflow.log_artifact(run_id, str(path))
     mlflow.log_artifact(run_id, str(folder / PLOT_FILE))
 
@@ -631,10 +631,7 @@ def plot_reruns(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
     ax.set_title(f"{history[-1]['study']}: reruns (confidence {history[-1]['confidence']:.0%})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    report.save_figure(fig, tmp)
-    os.replace(tmp, path)
-    return path
+    return files.save_figure(fig, path)
 
 
 def rerun_section_html(reports_dir: Path) -> str | None:

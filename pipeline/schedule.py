@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import files
 from pipeline.config import StudyConfig
 
 MARKER = "pipeline-rerun"
@@ -440,9 +441,7 @@ def _schedule(args: argparse.Namespace, cfg: StudyConfig | None) -> int:
         if args.unit_dir:
             args.unit_dir.mkdir(parents=True, exist_ok=True)
             for fname, body in units.items():
-                tmp = args.unit_dir / f".{fname}.tmp"
-                tmp.write_text(body)
-                os.replace(tmp, args.unit_dir / fname)
+                files.write_text(args.unit_dir / fname, body)
             unit = f"{MARKER}-{cfg.name}"
             print(f"wrote {unit}.service and {unit}.timer to {args.unit_dir}")
             print(f"enable: systemctl --user daemon-reload && systemctl --user enable --now {unit}.timer")

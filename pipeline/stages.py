@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from pipeline import bounds, bounds_plots, report
+from pipeline import bounds, bounds_plots, files, report
 from pipeline.config import StudyConfig
 from pipeline.data import Split
 from pipeline.evaluate import Evaluation, evaluate, predict_logits
@@ -101,7 +101,7 @@ def plot_decision_boundary(model: torch.nn.Module, split: Split, path: Path, tit
         ax.plot([], [], "g--", label="Bayes boundary")
     ax.legend(fontsize=7, loc="upper right")
     ax.set_title(title)
-    return report.save_figure(fig, path)
+    return files.save_figure(fig, path)
 
 
 def bounds_and_report(
@@ -154,7 +154,7 @@ def bounds_and_report(
     }
     metrics["hoeffding_epsilon"] = sizes["hoeffding_epsilon"]
     title = f"{cfg.name} trial {trial_number}"
-    with report.atomic_dir(folder) as tmp:
+    with files.atomic_dir(folder) as tmp:
         figures = {
             "curves": report.plot_curves(result.history, tmp / "curves.png"),
             "confusion_matrix": report.plot_confusion(
@@ -202,16 +202,16 @@ def bounds_and_report(
                 "true_error": truth.true_error,
                 "coverage": [c.__dict__ for c in truth.coverage],
             }
-        report.write_json(tmp / "metrics.json", summary)
+        files.write_json(tmp / "metrics.json", summary)
         # paired test predictions: the study page compares trials on them (McNemar) without retraining
-        report.write_json(
+        files.write_json(
             tmp / "test_predictions.json",
             {"classes": split.classes, "labels": test.labels, "predictions": test.predictions},
         )
         page = _trial_page(
             title, cfg, split, params, result, val, test, train_eval, err, sizes, truth, figures, provenance
         )
-        (tmp / "report.html").write_text(page, encoding="utf-8")
+        files.write_text(tmp / "report.html", page)
         names = [p.name for p in figures.values()] + ["metrics.json", "test_predictions.json", "report.html"]
     return TrialArtifacts(tuple(folder / n for n in names), metrics)
 

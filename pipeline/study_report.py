@@ -16,7 +16,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.proportion import proportion_confint
 
-from pipeline import bounds, report, tracking
+from pipeline import bounds, files, report, tracking
 from pipeline.config import StudyConfig
 from pipeline.evaluate import Evaluation, summarize
 from pipeline.study import StudyError, _redact, open_storage, storage_spec
@@ -480,7 +479,7 @@ def _pyplot_png(draw, path: Path, size: tuple[float, float]) -> Plot:
         fig = np.ravel(axes)[0].figure
         try:
             fig.set_size_inches(*size)
-            report.save_figure(fig, path)
+            files.save_figure(fig, path)
         finally:
             plt.close(fig)
     notes = dict.fromkeys(f"Optuna warned: {w.message}" for w in caught)  # unique, in order
@@ -520,7 +519,7 @@ def plot_forest(
         f"thick: {pct:g} % Clopper–Pearson per trial; thin: Bonferroni over N = {summary.n_tested}",
         fontsize=9,
     )
-    return report.save_figure(fig, path)
+    return files.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,7 +553,7 @@ def write_study_page(
             outputs[t.number] = found
     summary = summarize_study(study, cfg, outputs)
     frame = trials_frame(study, cfg, page_dir, run_reasons(study, mlflow))
-    with report.atomic_dir(page_dir / FOLDER) as tmp:
+    with files.atomic_dir(page_dir / FOLDER) as tmp:
         frame.to_csv(tmp / "trials.csv", index=False)
         figures = optuna_figures(study, tmp, cfg.objective)
         forest = plot_forest(study, outputs, summary, tmp / "forest.png")
@@ -565,7 +564,7 @@ def write_study_page(
             confusion = report.plot_confusion(
                 evaluation, selected.classes, tmp / "selected_confusion_matrix.png", "test set"
             )
-        report.write_json(tmp / "study_summary.json", summary.to_dict())
+        files.write_json(tmp / "study_summary.json", summary.to_dict())
         sections = _sections(cfg, study, summary, frame, outputs, figures, forest, confusion, sources)
         from pipeline.rerun import rerun_section_html
 
@@ -573,10 +572,7 @@ def write_study_page(
         if reruns is not None:
             sections.insert(-1, ("Reruns", reruns))
         text = report.html_page(f"Study {cfg.name}", sections)
-    page = page_dir / PAGE
-    part = page.with_name(f".{PAGE}.tmp")
-    part.write_text(text, encoding="utf-8")
-    os.replace(part, page)
+    page = files.write_text(page_dir / PAGE, text)
     return page, summary
 
 
