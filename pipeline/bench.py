@@ -382,7 +382,8 @@ def study_overhead(cfg, workdir: Path) -> dict[str, Any]:
     """
     import optuna
 
-    from pipeline.study import open_storage, run_study
+    from pipeline.storage import open_storage
+    from pipeline.study import run_study
 
     storage = str(workdir / "storage" / "study.journal")
     (workdir / "mlruns").mkdir(parents=True, exist_ok=True)
@@ -585,7 +586,8 @@ def pruning_saving(trials: int, epochs: int, fashion: bool, workdir: Path) -> di
     from optuna.trial import TrialState
 
     from pipeline.config import parse_study
-    from pipeline.study import open_storage, run_study
+    from pipeline.storage import open_storage
+    from pipeline.study import run_study
 
     out: dict[str, Any] = {"trials": trials, "epochs": epochs}
     for kind in ("none", "median"):

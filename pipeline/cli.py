@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     from pipeline.data import DataError
-    from pipeline.study import StudyError
+    from pipeline.storage import StudyError
     from pipeline.worker import Terminated, signal_in, stop_on_signals
 
     try:

@@ -396,8 +396,9 @@ def optimize_population(
     from optuna.trial import TrialState
 
     from pipeline import worker as workers
+    from pipeline.storage import AllocationLock
 
-    lock = workers.AllocationLock(spec, study.study_name)
+    lock = AllocationLock(spec, study.study_name)
     try:
         with _optimize_loop(study):
             while not study._stop_flag:
@@ -429,7 +430,8 @@ def _run_round(study, trials, ctx, on_trial: Callable[[Any], None] | None) -> No
 
     from pipeline import tracking
     from pipeline import worker as workers
-    from pipeline.study import StudyError, begin_trial, build_model, epoch_callback, finish_trial
+    from pipeline.storage import Retry, StudyError, write_error
+    from pipeline.study import begin_trial, build_model, epoch_callback, finish_trial
 
     plans: dict[int, Any] = {}  # trial number -> TrialPlan
     closed: set[int] = set()  # trials told, their MLflow run ended
@@ -473,10 +475,10 @@ def _run_round(study, trials, ctx, on_trial: Callable[[Any], None] | None) -> No
         open_trials = [t for t in trials if t.number not in closed]
         _fail(study, open_trials, plans, ctx)
         for trial in open_trials:
-            workers.Retry()(study, _frozen(study, trial.number))
+            Retry()(study, _frozen(study, trial.number))
         numbers = ", ".join(str(t.number) for t in open_trials)
         if isinstance(exc, OSError):
-            raise StudyError(workers.write_error(exc, f"trials {numbers}")) from exc
+            raise StudyError(write_error(exc, f"trials {numbers}")) from exc
         with contextlib.suppress(AttributeError):
             exc.trial = numbers  # for the exit message
         raise
@@ -484,7 +486,7 @@ def _run_round(study, trials, ctx, on_trial: Callable[[Any], None] | None) -> No
         _fail(study, [t for t in trials if t.number not in closed], plans, ctx)
         raise
     if isinstance(failure, OSError):
-        raise StudyError(workers.write_error(failure, "a trial's report")) from failure
+        raise StudyError(write_error(failure, "a trial's report")) from failure
     if failure is not None:
         raise failure
 

@@ -46,7 +46,8 @@ from pipeline.config import ConfigError, StudyConfig
 from pipeline.data import DataError, Split, load_split
 from pipeline.evaluate import evaluate
 from pipeline.model import build_mlp
-from pipeline.study import StudyError, open_storage, run_study, storage_spec
+from pipeline.storage import StudyError, open_storage, storage_spec
+from pipeline.study import run_study
 from pipeline.train import DTYPES, Hyper, train
 
 EXIT_OK = 0  # ran; no drift (or the first rerun: nothing to compare with)

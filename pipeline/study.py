@@ -10,11 +10,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
-import re
 import sys
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +26,10 @@ from pipeline.data import Split, load_split
 from pipeline.evaluate import evaluate
 from pipeline.model import build_mlp
 from pipeline.stages import TrialArtifacts, bounds_and_report
+from pipeline.storage import StudyError, open_storage, preflight, redact, storage_spec
 from pipeline.train import DTYPES, EpochRecord, Hyper, TrainResult, train
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-DEFAULT_STORAGE_DIR = Path("storage")
-
-
-class StudyError(RuntimeError):
-    """A study that cannot start or resume as asked; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -50,85 +43,6 @@ class StudyOutcome:
     reports: Path
     parent_run_id: str
     page: Path | None = None  # the study page, reports/<study>/index.html, when it was written
-
-
-# ----------------------------------------------------------------------------------------------
-# Storage
-
-
-def storage_spec(cfg: StudyConfig, explicit: str | None = None) -> str:
-    """``--storage``, else $OPTUNA_STORAGE, else the journal file ``storage/<study>.journal``."""
-    return explicit or os.environ.get("OPTUNA_STORAGE") or str(DEFAULT_STORAGE_DIR / f"{cfg.name}.journal")
-
-
-def open_storage(spec: str) -> optuna.storages.BaseStorage:
-    """A database URL (``postgresql+psycopg://…``, ``sqlite:///…``) or a journal file path.
-
-    The journal file is Optuna's recommended storage for several processes on one machine.
-    """
-    if "://" in spec:
-        kwargs: dict[str, Any] = {}
-        if spec.startswith("sqlite"):
-            kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-        else:
-            from pipeline import worker
-
-            # heartbeat: a killed worker's trial is failed and queued again (RetryHeartbeatStaleTrialCallback)
-            kwargs.update(worker.heartbeat_kwargs())
-            if spec.startswith("postgresql"):
-                kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": 10}}
-        try:
-            with warnings.catch_warnings():  # heartbeat_interval is marked experimental
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(spec, **kwargs)
-        except Exception as exc:
-            reason = _scrub(str(exc).split("\n")[0], spec)
-            raise StudyError(
-                f"cannot open Optuna storage {_redact(spec)}: {reason}\n"
-                "Check that the database server is running and reachable, and the URL (--storage or "
-                "$OPTUNA_STORAGE); nothing was run."
-            ) from None
-    path = Path(spec)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # an absolute path: Optuna's lock is a symlink to the journal, and a relative target dangles,
-        # which turns its wait for a busy lock into a busy loop (no back-off, no stale-lock release)
-        backend = optuna.storages.journal.JournalFileBackend(str(path.resolve()))
-    except OSError as exc:
-        raise StudyError(f"cannot open Optuna journal {path}: {exc}") from None
-    return optuna.storages.journal.JournalStorage(backend)
-
-
-def _redact(url: str) -> str:
-    """A database URL with its password (in the user part or a ``password=`` query) replaced."""
-    if "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    # the user:password@host part ends at the first / ? or # after the last @ (a password may hold
-    # an unencoded @; one holding an unencoded / ? or # is masked up to the last @)
-    cut = rest.rfind("@") + 1
-    end = min([i for i in (rest.find(c, cut) for c in "/?#") if i >= 0] or [len(rest)])
-    authority, tail = rest[:end], rest[end:]
-    creds, at, host = authority.rpartition("@")
-    if at and ":" in creds:
-        authority = f"{creds.split(':', 1)[0]}:***@{host}"
-    tail = re.sub(r"(?i)([?&;]password=)[^&;#]*", r"\1***", tail)
-    return f"{scheme}://{authority}{tail}"
-
-
-def _scrub(text: str, url: str) -> str:
-    """``text`` with any password from ``url`` replaced (driver errors can echo parts of a URL)."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        parsed = make_url(url)
-    except Exception:
-        return text
-    secrets = [parsed.password, *(v for k, v in parsed.query.items() if k.lower() == "password")]
-    for secret in secrets:
-        if secret and isinstance(secret, str):
-            text = text.replace(secret, "***")
-    return text
 
 
 def make_sampler(cfg: StudyConfig, n_existing: int, worker: int = 0) -> optuna.samplers.BaseSampler:
@@ -184,14 +98,14 @@ def open_study(cfg: StudyConfig, spec: str, worker: int = 0) -> optuna.Study:
     stored_direction = study.direction.name.lower()
     if stored_direction != cfg.direction:
         raise StudyError(
-            f"{cfg.path}: study {cfg.name!r} in {_redact(spec)} was created to {stored_direction} "
+            f"{cfg.path}: study {cfg.name!r} in {redact(spec)} was created to {stored_direction} "
             f"but objective = {cfg.objective!r} asks to {cfg.direction}; use a new --name"
         )
     stored = study.user_attrs.get("search_space")
     if stored is not None and stored != cfg.search_space_signature():
         raise StudyError(
             f"{cfg.path}: the search space or objective of study {cfg.name!r} changed since it was "
-            f"created in {_redact(spec)}.\n  stored:  {stored}\n  now:     "
+            f"created in {redact(spec)}.\n  stored:  {stored}\n  now:     "
             f"{cfg.search_space_signature()}\nRun it under a new name (--name) or delete the storage."
         )
     return study
@@ -457,7 +371,7 @@ def run_study(
     if progress is None:
         progress = sys.stderr.isatty() and worker is None
     spec = storage_spec(cfg, storage)
-    reports = workers.preflight(cfg.name, spec, tracking.tracking_uri(tracking_uri), reports_root)
+    reports = preflight(cfg.name, spec, tracking.tracking_uri(tracking_uri), reports_root)
     split = load_split(cfg.dataset)  # data errors stop the study before anything is written
     study = open_study(cfg, spec, worker or 0)
     if cfg.gradcheck.enabled:
@@ -476,7 +390,7 @@ def run_study(
         {
             "config_hash": cfg.config_hash(),
             "split_hash": split.split_hash,
-            "optuna_storage": _redact(spec),
+            "optuna_storage": redact(spec),
             "study_file": cfg.path,
             "trials_target": cfg.trials,
             "epochs": cfg.training.epochs,
@@ -582,9 +496,7 @@ class GradcheckFailed(StudyError):
     """The hand-written backward pass disagrees with autograd or the finite differences."""
 
 
-def run_gradcheck(
-    cfg: StudyConfig, *, tracking_uri: str | None = None, reports_root: Path = Path("reports")
-):
+def run_gradcheck(cfg: StudyConfig, *, tracking_uri: str | None = None, reports_root: Path = Path("reports")):
     """The lab's directional gradient check of the study's model at its initial weights.
 
     Pass/fail: the float64 disagreement between the manual and autograd directional derivatives

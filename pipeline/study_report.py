@@ -35,7 +35,7 @@ from statsmodels.stats.proportion import proportion_confint
 from pipeline import bounds, files, report, tracking
 from pipeline.config import StudyConfig
 from pipeline.evaluate import Evaluation, summarize
-from pipeline.study import StudyError, _redact, open_storage, storage_spec
+from pipeline.storage import StudyError, open_storage, redact, storage_spec
 
 PAGE = "index.html"
 FOLDER = "study"  # figures, trials.csv and study_summary.json, beside index.html
@@ -962,20 +962,20 @@ def regenerate(
         study = optuna.load_study(study_name=cfg.name, storage=open_storage(spec))
     except KeyError:
         raise StudyError(
-            f"{cfg.path}: no study named {cfg.name!r} in {_redact(spec)}; check --name and --storage"
+            f"{cfg.path}: no study named {cfg.name!r} in {redact(spec)}; check --name and --storage"
         ) from None
     uri = tracking.tracking_uri(tracking_uri)
     mlflow = None
     if not (uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file()):
         mlflow = tracking.client(uri)
     exp_id, parent = find_study_run(mlflow, cfg.name) if mlflow is not None else (None, None)
-    sources = PageSources(_redact(spec), _redact(uri), parent, exp_id)
+    sources = PageSources(redact(spec), redact(uri), parent, exp_id)
     page, summary = write_study_page(cfg, study, reports_root / cfg.name, sources, mlflow)
     if mlflow is not None and parent is not None:
         log_to_parent(mlflow, parent, page, summary)
     else:
         warnings.warn(
-            f"study {cfg.name!r} has no parent run in MLflow at {_redact(uri)}: the page was written "
+            f"study {cfg.name!r} has no parent run in MLflow at {redact(uri)}: the page was written "
             "but not logged",
             StudyPageWarning,
             stacklevel=2,
@@ -989,7 +989,7 @@ def write_after_study(
     """The end of a study run: write and log the page; a failure warns and never touches the trials."""
     try:
         exp_id = mlflow.get_run(parent_run_id).info.experiment_id
-        sources = PageSources(_redact(spec), _redact(mlflow.tracking_uri), parent_run_id, exp_id)
+        sources = PageSources(redact(spec), redact(mlflow.tracking_uri), parent_run_id, exp_id)
         page, summary = write_study_page(cfg, study, page_dir, sources, mlflow)
         log_to_parent(mlflow, parent_run_id, page, summary)
         return page

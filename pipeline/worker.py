@@ -15,17 +15,12 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
-import errno
-import fcntl
-import hashlib
 import math
 import os
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -36,14 +31,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline.study import DEFAULT_STORAGE_DIR, StudyError
+from pipeline.storage import AllocationLock, Retry, StudyError, uses_heartbeat, write_error
 
-HEARTBEAT_ENV = "PIPELINE_HEARTBEAT_SECONDS"  # heartbeat interval on database storages
-DEFAULT_HEARTBEAT = 30  # seconds; a dead worker's trial is failed after 3 intervals without one
-MAX_RETRY = 2  # an interrupted or killed configuration runs at most 1 + MAX_RETRY times
 POLL_SECONDS = 2.0  # how often an idle worker looks at trials other workers are running
 UNCLAIMED_SECONDS = 60  # a RUNNING trial with no worker id after this long is not waited for
-LOCK_TIMEOUT = 120  # seconds to wait for the allocation lock on PostgreSQL before giving up
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,110 +143,6 @@ def process_alive(wid: str) -> bool | None:
     except PermissionError:
         return True
     return True
-
-
-# ----------------------------------------------------------------------------------------------
-# Storage: heartbeat, retry, allocation lock
-
-
-def uses_heartbeat(spec: str) -> bool:
-    """Database storages (not SQLite, not the journal file) detect dead workers by heartbeat."""
-    return "://" in spec and not spec.startswith("sqlite")
-
-
-def heartbeat_kwargs() -> dict[str, Any]:
-    """``RDBStorage`` keywords: heartbeat every $PIPELINE_HEARTBEAT_SECONDS (30), stale after 3 beats."""
-    raw = os.environ.get(HEARTBEAT_ENV, str(DEFAULT_HEARTBEAT))
-    try:
-        interval = int(raw)
-        if interval < 1:
-            raise ValueError
-    except ValueError:
-        raise StudyError(f"${HEARTBEAT_ENV} = {raw!r}: give a whole number of seconds >= 1") from None
-    return {
-        "heartbeat_interval": interval,
-        "grace_period": 3 * interval,
-        "heartbeat_stale_trial_callback": Retry(),
-    }
-
-
-class Retry(optuna.storages.RetryHeartbeatStaleTrialCallback):
-    """Optuna's retry of a trial whose worker died: same params, queued as WAITING.
-
-    The failed attempt's user attrs (its worker, its MLflow run) are not copied: they describe
-    that attempt, and a dead worker's id on a live trial would get it swept again.
-    """
-
-    def __init__(self, max_retry: int = MAX_RETRY) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            super().__init__(max_retry=max_retry)
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        trial = copy.copy(trial)
-        trial.user_attrs = {}
-        super().__call__(study, trial)
-
-
-class AllocationLock:
-    """A lock held from counting a study's trials until Optuna's ``ask`` has created the next one.
-
-    Journal file or SQLite: ``flock`` on a file beside it (released by the kernel if the process
-    dies). PostgreSQL: a session advisory lock (released by the server if the connection drops).
-    Other databases: no lock (a race at the very end may then add one trial too many).
-    """
-
-    def __init__(self, spec: str, study_name: str) -> None:
-        self.spec, self.study_name = spec, study_name
-        self._fd: int | None = None
-        self._conn: Any = None
-        self._engine: Any = None
-        self.path: Path | None = None
-        if "://" not in spec:
-            self.path = Path(spec).with_name(f"{Path(spec).name}.{study_name}.alloc.lock")
-        elif spec.startswith("sqlite"):
-            from sqlalchemy.engine import make_url
-
-            database = make_url(spec).database
-            if database and database != ":memory:":
-                self.path = Path(database).with_name(f"{Path(database).name}.{study_name}.alloc.lock")
-
-    def acquire(self) -> None:
-        if self.path is not None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        elif self.spec.startswith("postgresql"):
-            import sqlalchemy
-
-            if self._engine is None:
-                self._engine = sqlalchemy.create_engine(self.spec, poolclass=sqlalchemy.pool.NullPool)
-            digest = hashlib.sha256(f"pipeline:{self.study_name}".encode()).digest()
-            key = int.from_bytes(digest[:8], "big", signed=True)
-            self._conn = self._engine.connect()
-            try:
-                self._conn.execute(sqlalchemy.text(f"SET lock_timeout = '{LOCK_TIMEOUT}s'"))
-                self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
-            except sqlalchemy.exc.OperationalError as exc:
-                self.release()
-                raise StudyError(
-                    f"study {self.study_name!r}: another worker held the trial-allocation lock for "
-                    f"over {LOCK_TIMEOUT} s ({type(exc.orig).__name__}); check the workers, then start "
-                    "this one again"
-                ) from None
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            conn.close()  # ends the session, and with it the advisory lock
-
-    def close(self) -> None:
-        self.release()
-        if self._engine is not None:
-            self._engine.dispose()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,71 +318,6 @@ def trial_line(trial: FrozenTrial, index: int | None = None) -> str:
     return f"{who}(pid {os.getpid()}): trial {trial.number} {trial.state.name}{value}" + (
         f" ({reason})" if reason else ""
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# Paths and writable folders, checked before any trial starts
-
-
-def inside(root: Path, name: str) -> Path:
-    """``root / name``, refusing a name that would land outside ``root``."""
-    path = root / name
-    if name in ("", ".", "..") or not path.resolve().is_relative_to(root.resolve()):
-        raise StudyError(
-            f"{name!r} would put files at {path.resolve()}, outside {root}/; "
-            "study names may only use lower-case letters, digits, '-' and '_'"
-        )
-    return path
-
-
-RESUME = "then run the same command again: finished trials are kept and the study resumes"
-
-
-def write_error(exc: OSError, doing: str, then: str = RESUME) -> str:
-    """One line for a write that failed: where, why, and what to do."""
-    where = exc.filename or "?"
-    fix = {
-        errno.ENOSPC: "free some space",
-        errno.EDQUOT: "free some space",
-        errno.EROFS: "the file system is read-only: choose a writable folder",
-        errno.EACCES: "make it writable",
-        errno.EPERM: "make it writable",
-    }.get(exc.errno or 0, "fix the folder")
-    return f"{doing}: cannot write {where}: {exc.strerror or exc}. {fix.capitalize()}, {then}."
-
-
-def check_writable(folder: Path, what: str, how: str) -> None:
-    """Create ``folder`` and write, sync and delete a probe file in it, or raise StudyError."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder, prefix=".write-probe-") as probe:
-            probe.write(b"x")
-            probe.flush()
-            os.fsync(probe.fileno())
-    except OSError as exc:
-        if exc.filename is None:
-            exc.filename = str(folder)
-        raise StudyError(write_error(exc, f"{what} ({how})", "then start again: no trial was run")) from None
-
-
-def preflight(name: str, spec: str, tracking_uri: str, reports_root: Path) -> Path:
-    """Before any trial: the report folder stays inside its root and every output folder is writable.
-
-    Returns the study's report folder.
-    """
-    reports = inside(reports_root, name)
-    if spec == str(DEFAULT_STORAGE_DIR / f"{name}.journal"):
-        inside(DEFAULT_STORAGE_DIR, f"{name}.journal")
-    check_writable(reports_root, "reports folder", "reports/ of the current folder")
-    if "://" not in spec:
-        check_writable(Path(spec).parent, "Optuna journal folder", "--storage or $OPTUNA_STORAGE")
-    if tracking_uri.startswith("sqlite:///"):
-        check_writable(
-            Path(tracking_uri.removeprefix("sqlite:///")).parent,
-            "MLflow store folder",
-            "--tracking-uri or $MLFLOW_TRACKING_URI",
-        )
-    return reports
 
 
 def print_err(line: str) -> None:

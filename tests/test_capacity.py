@@ -14,7 +14,8 @@ from pipeline import backprop
 from pipeline.data import load_split
 from pipeline.model import build_mlp
 from pipeline.stages import plot_decision_boundary
-from pipeline.study import GradcheckFailed, open_storage, run_gradcheck, run_study
+from pipeline.storage import open_storage
+from pipeline.study import GradcheckFailed, run_gradcheck, run_study
 from tests.conftest import tiny_study
 
 

@@ -18,7 +18,8 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.study import open_storage, run_study
+from pipeline.storage import open_storage
+from pipeline.study import run_study
 from tests.conftest import tiny_study
 
 STARTUP_TIMEOUT = 120  # seconds for the server to answer /health (about 15 s on a busy 2-core machine)

@@ -17,7 +17,8 @@ from pipeline.config import ConfigError, TrainingConfig
 from pipeline.data import load_split
 from pipeline.model import build_mlp
 from pipeline.population import plan_groups, train_population
-from pipeline.study import open_storage, run_study
+from pipeline.storage import open_storage
+from pipeline.study import run_study
 from pipeline.train import Hyper, train
 from tests.conftest import tiny_study
 

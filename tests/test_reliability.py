@@ -26,7 +26,8 @@ from optuna.trial import TrialState
 
 from pipeline import cli
 from pipeline.model import build_mlp
-from pipeline.study import StudyError, _redact, load_weights, open_storage, open_study, run_study
+from pipeline.storage import StudyError, open_storage, redact
+from pipeline.study import load_weights, open_study, run_study
 from tests.conftest import tiny_study
 from tests.test_workers import (
     FASHION,
@@ -309,7 +310,7 @@ def test_a_full_disk_mid_study_stops_with_one_error_and_keeps_finished_trials(en
     ],
 )
 def test_database_passwords_are_redacted(url, shown):
-    assert _redact(url) == shown
+    assert redact(url) == shown
 
 
 def test_load_weights_reads_a_state_dict_and_refuses_a_pickle_that_runs_code(tmp_path):

@@ -37,7 +37,7 @@ from pipeline.rerun import (
     study_lock,
 )
 from pipeline.schedule import cron_line, parse_cron, rerun_command
-from pipeline.study import open_storage
+from pipeline.storage import open_storage
 from tests.conftest import TINY, tiny_study
 
 DAY1 = dt.datetime(2026, 11, 1, 3, 0, tzinfo=dt.UTC)

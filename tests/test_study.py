@@ -10,7 +10,8 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.study import StudyError, open_storage, run_study, storage_spec
+from pipeline.storage import StudyError, open_storage, storage_spec
+from pipeline.study import run_study
 from tests.conftest import tiny_study
 
 

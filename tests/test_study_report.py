@@ -23,7 +23,8 @@ from scipy import stats
 from pipeline import study_report as sr
 from pipeline.cli import main
 from pipeline.config import load_study
-from pipeline.study import open_storage, open_study, run_study
+from pipeline.storage import open_storage
+from pipeline.study import open_study, run_study
 
 # ----------------------------------------------------------------------------------------------
 # Statistics
