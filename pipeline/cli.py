@@ -133,9 +133,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from pipeline.signals import sigint_note
     from pipeline.study import run_study
 
     cfg = _load(args)
+    note = sigint_note()
+    if note is not None and not args.create_only:
+        print(f"worker (pid {os.getpid()}): {note}", file=sys.stderr, flush=True)
     index = args.index if args.index is not None else os.getpid()
     outcome = run_study(
         cfg,
@@ -211,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     from pipeline.data import DataError
+    from pipeline.signals import exit_code, signal_in, stop_name, stop_on_signals
     from pipeline.storage import StudyError
-    from pipeline.worker import Terminated, signal_in, stop_on_signals
 
     try:
         with stop_on_signals():  # SIGTERM/SIGHUP: the running trial ends FAIL, its MLflow run closed
@@ -224,11 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         stop = signal_in(exc)
         if stop is None:
             raise
-        name = "Ctrl-C" if isinstance(stop, KeyboardInterrupt) else str(stop)
         number = getattr(stop, "trial", None)
         trial = f"trial {number} was marked FAIL and queued again; " if number is not None else ""
-        print(f"stopped by {name}: {trial}run the same command to resume", file=sys.stderr)
-        return stop.exit_code if isinstance(stop, Terminated) else 130
+        print(f"stopped by {stop_name(stop)}: {trial}run the same command to resume", file=sys.stderr)
+        return exit_code(stop)
 
 
 def _quiet_libraries() -> None:

@@ -429,7 +429,7 @@ def _run_round(study, trials, ctx, on_trial: Callable[[Any], None] | None) -> No
     from optuna.trial import TrialState
 
     from pipeline import tracking
-    from pipeline import worker as workers
+    from pipeline.signals import Terminated, signal_in, stop_reason
     from pipeline.storage import Retry, StudyError, write_error
     from pipeline.study import begin_trial, build_model, epoch_callback, finish_trial
 
@@ -470,9 +470,13 @@ def _run_round(study, trials, ctx, on_trial: Callable[[Any], None] | None) -> No
                 closed.add(trial.number)
             if on_trial is not None:
                 on_trial(_frozen(study, trial.number))
-    except (workers.Terminated, KeyboardInterrupt, StudyError, OSError) as exc:
+    except (Terminated, KeyboardInterrupt, StudyError, OSError) as exc:
         # Interrupted: every trial not yet told is failed and queued to run again.
         open_trials = [t for t in trials if t.number not in closed]
+        stop = signal_in(exc)
+        for trial in open_trials if stop is not None else ():
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("reason", stop_reason(stop))
         _fail(study, open_trials, plans, ctx)
         for trial in open_trials:
             Retry()(study, _frozen(study, trial.number))

@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import signal
 import socket
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from pipeline.config import ConfigError, StudyConfig
 from pipeline.data import DataError, Split, load_split
 from pipeline.evaluate import evaluate
 from pipeline.model import build_mlp
+from pipeline.signals import signal_in, stop_on_signals
 from pipeline.storage import StudyError, open_storage, storage_spec
 from pipeline.study import run_study
 from pipeline.train import DTYPES, Hyper, train
@@ -72,10 +72,6 @@ class RerunError(RuntimeError):
 
 class RerunLocked(RuntimeError):
     """Another process holds this study's rerun lock."""
-
-
-class RerunInterrupted(Exception):
-    """SIGTERM during a rerun: an ordinary exception so Optuna marks the trial FAIL (not RUNNING)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -533,7 +529,7 @@ def rerun_main(
     every other failure are written to ``rerun.log`` first, so a cron user finds them there.
     """
     folder = reports_root / cfg.name
-    with _sigterm_raises():
+    with stop_on_signals():
         try:
             outcome = run_rerun(
                 cfg, storage=storage, tracking_uri=tracking_uri, reports_root=reports_root, trials=trials
@@ -549,6 +545,9 @@ def rerun_main(
         except (ConfigError, DataError, StudyError):
             raise
         except (Exception, KeyboardInterrupt) as exc:
+            stop = signal_in(exc)
+            if stop is not None:  # the command line prints the one stop line and exits 143 / 130
+                raise stop from None
             print(
                 f"error: rerun of {cfg.name} failed: {exc!r}; details in {folder / LOG_FILE}", file=sys.stderr
             )
@@ -580,24 +579,6 @@ def _file_log(path: Path) -> Iterator[None]:
         for h in handlers:
             log.removeHandler(h)
             h.close()
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM (systemd stop, cron timeout wrappers) raises ``RerunInterrupted`` while the rerun runs."""
-
-    def handler(signum, frame):
-        raise RerunInterrupted(f"stopped by signal {signum}")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------------------------

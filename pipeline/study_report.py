@@ -35,6 +35,7 @@ from statsmodels.stats.proportion import proportion_confint
 from pipeline import bounds, files, report, tracking
 from pipeline.config import StudyConfig
 from pipeline.evaluate import Evaluation, summarize
+from pipeline.signals import signal_in
 from pipeline.storage import StudyError, open_storage, redact, storage_spec
 
 PAGE = "index.html"
@@ -994,6 +995,9 @@ def write_after_study(
         log_to_parent(mlflow, parent_run_id, page, summary)
         return page
     except Exception as exc:  # the trials are safely stored; `pipeline report` can retry the page
+        stop = signal_in(exc)
+        if stop is not None:  # a signal is not a page failure: the command must still stop with 143
+            raise stop from None
         warnings.warn(
             f"study page for {cfg.name!r} not written ({type(exc).__name__}: {exc}); the trials are "
             f"stored — run `pipeline report {cfg.path}` to retry",

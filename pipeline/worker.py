@@ -8,94 +8,33 @@
   it; on the local journal file ``sweep`` fails RUNNING trials whose process is gone (same host, pid
   dead or reused). Either way the trial is queued again with the same params (``Retry``) and its
   MLflow run is closed as KILLED.
-- SIGTERM (and SIGHUP) raise ``Terminated``, an ordinary exception, so Optuna marks the trial FAIL
-  and its MLflow run is closed, as with Ctrl-C. The interrupted trial is queued to run again.
+- A signal (``pipeline.signals``) fails the running trial with the reason "stopped by SIGTERM" /
+  "stopped by Ctrl-C", closes its MLflow run and queues it to run again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import math
 import os
-import signal
 import socket
 import sys
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from pipeline.signals import signal_in, stop_reason
 from pipeline.storage import AllocationLock, Retry, StudyError, uses_heartbeat, write_error
 
 POLL_SECONDS = 2.0  # how often an idle worker looks at trials other workers are running
 UNCLAIMED_SECONDS = 60  # a RUNNING trial with no worker id after this long is not waited for
-
-
-# ----------------------------------------------------------------------------------------------
-# Signals
-
-
-class Terminated(Exception):
-    """SIGTERM or SIGHUP arrived: an ``Exception``, so Optuna fails the trial rather than leave it RUNNING."""
-
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-        self.trial: int | None = None  # set by ``optimize``: the trial it interrupted
-        super().__init__(signal.Signals(signum).name)
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGHUP raise ``Terminated`` in the main thread.
-
-    A second signal while cleaning up gets the default action (the process dies at once). SIGHUP
-    stays ignored where it was ignored (``nohup``). Outside the main thread this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        signal.signal(signum, signal.SIG_DFL)
-        raise Terminated(signum)
-
-    previous = {}
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        current = signal.getsignal(signum)
-        if signum == signal.SIGHUP and current == signal.SIG_IGN:
-            continue
-        previous[signum] = current
-        signal.signal(signum, handler)
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-
-
-def signal_in(exc: BaseException) -> BaseException | None:
-    """The ``Terminated`` or ``KeyboardInterrupt`` that ``exc`` is, or arose while handling, if any.
-
-    A signal lands between any two bytecodes, sometimes inside a library's cleanup, which may then
-    fail in turn (a lock file already removed): the signal, not that failure, is what happened.
-    """
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, (Terminated, KeyboardInterrupt)):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,6 +138,25 @@ def close_orphan_runs(study: optuna.Study, mlflow: Any, experiment_id: str) -> l
 # The worker loop
 
 
+class OneLineTrialFailure(logging.Filter):
+    """Optuna logs a failed trial with its whole traceback, then a second line: keep one line.
+
+    The exception itself reaches the command line, which prints it once (a signal as one line).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if " failed with value " in message:
+            return False
+        if " failed with parameters: " in message:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_ONE_LINE = OneLineTrialFailure()
+logging.getLogger("optuna.study._optimize").addFilter(_ONE_LINE)
+
+
 def optimize(
     study: optuna.Study,
     total: int,
@@ -224,8 +182,11 @@ def optimize(
         mine["trial"] = trial.number
         try:
             return objective(trial)
-        except Exception as exc:
+        except (Exception, KeyboardInterrupt) as exc:
             stop = signal_in(exc)
+            if stop is not None:
+                with contextlib.suppress(Exception):  # the reason the study page and the log show
+                    trial.set_user_attr("reason", stop_reason(stop))
             if stop is not None and stop is not exc:  # cleanup code failed on the way out: the signal wins
                 raise stop from None
             if isinstance(exc, OSError):

@@ -119,21 +119,32 @@ def test_kill_9_mid_trial_on_postgresql(tmp_path, env, monkeypatch, postgres):  
 
 
 @pytest.mark.parametrize(
-    ("signum", "code", "name"), [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")]
+    ("signum", "code", "name", "inherited"),
+    [
+        (signal.SIGTERM, 143, "SIGTERM", signal.SIG_DFL),
+        (signal.SIGINT, 130, "Ctrl-C", signal.SIG_DFL),
+        (signal.SIGINT, 130, "Ctrl-C", signal.SIG_IGN),  # a background job of a non-interactive shell
+    ],
+    ids=["SIGTERM", "Ctrl-C", "Ctrl-C-inherited-ignored"],
 )
-def test_signal_fails_the_trial_closes_its_run_and_a_rerun_resumes(tmp_path, env, signum, code, name):
+def test_signal_fails_the_trial_closes_its_run_and_a_rerun_resumes(
+    tmp_path, env, signum, code, name, inherited
+):
     spec, uri = env["OPTUNA_STORAGE"], env["MLFLOW_TRACKING_URI"]
     storage = open_storage(spec)
     write_study(tmp_path, trials=1, dataset=dict(FASHION))
-    proc = start_worker(tmp_path, env, "--epochs", LONG, "--index", "1", log="worker.log")
+    proc = start_worker(tmp_path, env, "--epochs", LONG, "--index", "1", log="worker.log", sigint=inherited)
     wait_for("a trial mid-way", mid_trial(spec, storage), [(proc, tmp_path / "worker.log")])
     proc.send_signal(signum)
     assert proc.wait(timeout=60) == code
     log = (tmp_path / "worker.log").read_text()
     assert f"stopped by {name}: trial 0 was marked FAIL and queued again" in log
+    assert ("SIGINT was ignored when this process started" in log) == (inherited == signal.SIG_IGN)
+    assert "Traceback" not in log  # one line for the stopped trial, not Optuna's traceback
 
     stopped, queued = load(spec, storage=storage).trials
     assert stopped.state == TrialState.FAIL
+    assert stopped.user_attrs["reason"] == f"stopped by {name}"
     assert queued.state == TrialState.WAITING and queued.params == stopped.params
     runs, parents, _ = trial_runs(uri)
     assert [r.info.status for r in runs] == ["FAILED"]  # closed by the worker itself

@@ -362,3 +362,34 @@ def test_lock_concurrent_reruns_and_a_killed_holder(project, capsys):
     assert _cli(project, "tiny.toml") == EXIT_OK
     assert "no drift since" in capsys.readouterr().out
     assert len(_history(project)) == 2 and len(_trials(project)) == 1
+
+
+def test_sigterm_during_a_rerun_fails_queues_and_explains_the_trial(project, monkeypatch, capsys):
+    """The one signal policy under ``pipeline rerun``: FAIL, queued again, reason, exit 143."""
+    from pipeline.signals import Terminated
+
+    def stopped(*args, **kwargs):
+        raise Terminated(signal.SIGTERM)
+
+    monkeypatch.setattr("pipeline.study.train", stopped)
+    assert _cli(project, "tiny.toml") == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM: trial 0 was marked FAIL and queued again" in err
+    failed, queued = _trials(project)
+    assert failed.state == optuna.trial.TrialState.FAIL
+    assert failed.user_attrs["reason"] == "stopped by SIGTERM"
+    assert queued.state == optuna.trial.TrialState.WAITING and queued.params == failed.params
+    assert not (project["reports_root"] / "tiny" / HISTORY_FILE).exists()  # no record was added
+
+
+def test_a_signal_while_the_study_page_is_written_still_stops_the_command(project, monkeypatch, capsys):
+    from pipeline.signals import Terminated
+
+    def stopped(*args, **kwargs):
+        raise Terminated(signal.SIGTERM)
+
+    monkeypatch.setattr("pipeline.study_report.write_study_page", stopped)
+    args = ["study", "tiny.toml", "--storage", project["storage"], "--tracking-uri", project["tracking_uri"]]
+    assert cli.main(args) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    assert [t.state for t in _trials(project)] == [optuna.trial.TrialState.COMPLETE]  # the trial is kept

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -111,8 +112,15 @@ def worker_env(folder: Path, storage: str, **extra: str) -> dict[str, str]:
     }
 
 
-def start_worker(folder: Path, env: dict[str, str], *args: str, log: str) -> subprocess.Popen:
-    """``python -m pipeline worker study.toml ARGS`` in ``folder``, stdout and stderr to ``log``."""
+def start_worker(
+    folder: Path, env: dict[str, str], *args: str, log: str, sigint=signal.SIG_DFL
+) -> subprocess.Popen:
+    """``python -m pipeline worker study.toml ARGS`` in ``folder``, stdout and stderr to ``log``.
+
+    The child starts with SIGINT set to ``sigint`` (default: its default action), whatever this
+    process inherited: a test suite run as a background job of a non-interactive shell has SIGINT
+    ignored, and its children would inherit that.
+    """
     with open(folder / log, "w") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "pipeline", "worker", "study.toml", *args],
@@ -120,6 +128,7 @@ def start_worker(folder: Path, env: dict[str, str], *args: str, log: str) -> sub
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
         )
 
 
