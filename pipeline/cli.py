@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _study_args(p)
     p = sub.add_parser("schedule", help="install, list or remove a crontab entry that reruns a study")
-    from pipeline.schedule import add_arguments
+    from pipeline.ops.schedule import add_arguments
 
     add_arguments(p)
     p = sub.add_parser("report", help="rebuild the study page reports/<study>/index.html, no training")
@@ -95,7 +95,7 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from pipeline.study import run_study
+    from pipeline.study.run import run_study
 
     cfg = _load(args)
     outcome = run_study(cfg, storage=args.storage, tracking_uri=args.tracking_uri)
@@ -112,7 +112,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_gradcheck(args: argparse.Namespace) -> int:
-    from pipeline.study import run_gradcheck
+    from pipeline.study.gate import run_gradcheck
 
     cfg = _load(args)
     _, table, failures, folder = run_gradcheck(cfg, tracking_uri=args.tracking_uri)
@@ -134,7 +134,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from pipeline.signals import sigint_note
-    from pipeline.study import run_study
+    from pipeline.study.run import run_study
 
     cfg = _load(args)
     note = sigint_note()
@@ -157,20 +157,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    from pipeline.rerun import rerun_main
+    from pipeline.ops.rerun import rerun_main
 
     cfg = _load(args)
     return rerun_main(cfg, storage=args.storage, tracking_uri=args.tracking_uri, trials=args.trials)
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from pipeline.schedule import schedule_main
+    from pipeline.ops.schedule import schedule_main
 
     return schedule_main(args, _load(args) if args.study_file else None)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipeline.study_report import regenerate
+    from pipeline.report.study_page import regenerate
 
     page = regenerate(_load(args), storage=args.storage, tracking_uri=args.tracking_uri)
     print(f"study page: {page}")
@@ -179,7 +179,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline import tracking
-    from pipeline.bench import format_table, run_bench, write_reports
+    from pipeline.bench.run import format_table, run_bench, write_reports
 
     for key in ("threads", "repeats", "epochs"):
         if getattr(args, key) is not None and getattr(args, key) < 1:

@@ -13,16 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.bench import (
-    BenchResult,
-    EpochPermutation,
-    SeedStyleDataset,
-    _to_images,
-    epoch_flops,
-    format_table,
-    mlp_macs,
-    write_reports,
-)
+from pipeline.bench.run import BenchResult, format_table, write_reports
+from pipeline.bench.speed import EpochPermutation, SeedStyleDataset, _to_images, epoch_flops, mlp_macs
 from pipeline.model import build_mlp
 
 

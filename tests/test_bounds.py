@@ -12,7 +12,8 @@ from matplotlib.image import imread
 from scipy import stats
 from statsmodels.stats.proportion import proportion_confint
 
-from pipeline import bounds, bounds_plots
+from pipeline import bounds
+from pipeline.report import figures as bounds_plots
 
 CASES = [(0, 50, 0.9), (50, 50, 0.9), (1, 50, 0.95), (7, 40, 0.8), (300, 2000, 0.9), (1999, 2000, 0.99)]
 

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 from PIL import Image
 
-from pipeline.study import run_study
+from pipeline.study.run import run_study
 from tests.conftest import tiny_study
 
 CHROMIUM = shutil.which("chromium")
@@ -54,7 +54,9 @@ def _chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def pages(workspace, monkeypatch):
-    monkeypatch.setattr("pipeline.stages.TRUE_ERROR_SAMPLE", 100_000)  # the true error is not checked here
+    monkeypatch.setattr(
+        "pipeline.report.trial.TRUE_ERROR_SAMPLE", 100_000
+    )  # the true error is not checked here
     (workspace["root"] / "mlruns").mkdir()
     outcome = run_study(
         tiny_study(trials=2),

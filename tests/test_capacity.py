@@ -13,9 +13,10 @@ from mlflow import MlflowClient
 from pipeline import backprop
 from pipeline.data import load_split
 from pipeline.model import build_mlp
-from pipeline.stages import plot_decision_boundary
+from pipeline.report.figures import plot_decision_boundary
 from pipeline.storage import open_storage
-from pipeline.study import GradcheckFailed, run_gradcheck, run_study
+from pipeline.study.gate import GradcheckFailed, run_gradcheck
+from pipeline.study.run import run_study
 from tests.conftest import tiny_study
 
 

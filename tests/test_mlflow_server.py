@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.storage import open_storage
-from pipeline.study import run_study
+from pipeline.study.run import run_study
 from tests.conftest import tiny_study
 
 STARTUP_TIMEOUT = 120  # seconds for the server to answer /health (about 15 s on a busy 2-core machine)
@@ -39,7 +39,9 @@ def _get(url: str) -> bytes:
 @pytest.fixture
 def server(workspace, monkeypatch):
     """A 2-trial study, then ``mlflow server`` over its store; the process group is killed after."""
-    monkeypatch.setattr("pipeline.stages.TRUE_ERROR_SAMPLE", 100_000)  # the true error is not checked here
+    monkeypatch.setattr(
+        "pipeline.report.trial.TRUE_ERROR_SAMPLE", 100_000
+    )  # the true error is not checked here
     (workspace["root"] / "mlruns").mkdir()
     cfg = tiny_study(trials=2)
     run_study(

@@ -12,13 +12,13 @@ import torch
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-import pipeline.study
+import pipeline.study.population
 from pipeline.config import ConfigError, TrainingConfig
 from pipeline.data import load_split
 from pipeline.model import build_mlp
-from pipeline.population import plan_groups, train_population
+from pipeline.stacked import plan_groups, train_population
 from pipeline.storage import open_storage
-from pipeline.study import run_study
+from pipeline.study.run import run_study
 from pipeline.train import Hyper, train
 from tests.conftest import tiny_study
 
@@ -256,14 +256,14 @@ def _runs_by_trial(client, name):
 @pytest.mark.slow
 def test_a_failing_member_fails_alone_and_every_run_is_closed(workspace, monkeypatch):
     cfg = _grid_study("fails", 2, trials=2, lr=(0.05, 0.2))
-    real = pipeline.study.finish_trial
+    real = pipeline.study.population.finish_trial
 
     def finish(trial, *args):
         if trial.number == 1:
             raise RuntimeError("report stage broke")
         return real(trial, *args)
 
-    monkeypatch.setattr(pipeline.study, "finish_trial", finish)
+    monkeypatch.setattr(pipeline.study.population, "finish_trial", finish)
     with pytest.raises(RuntimeError, match="report stage broke"):
         _run(cfg, workspace)
     trials = _trials(workspace, "fails")

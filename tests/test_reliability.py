@@ -27,7 +27,8 @@ from optuna.trial import TrialState
 from pipeline import cli
 from pipeline.model import build_mlp
 from pipeline.storage import StudyError, open_storage, redact
-from pipeline.study import load_weights, open_study, run_study
+from pipeline.study.run import open_study, run_study
+from pipeline.study.trial import load_weights
 from tests.conftest import tiny_study
 from tests.test_workers import (
     FASHION,
@@ -56,7 +57,7 @@ def env(tmp_path, monkeypatch):
     for key in ("OPTUNA_STORAGE", "MLFLOW_TRACKING_URI", "PIPELINE_HEARTBEAT_SECONDS"):
         monkeypatch.setenv(key, values[key])
     # the study page is tested elsewhere; here it would only add seconds to every in-process run
-    monkeypatch.setattr("pipeline.study_report.write_after_study", lambda *a, **k: None)
+    monkeypatch.setattr("pipeline.study.run.write_after_study", lambda *a, **k: None)
     return values
 
 

@@ -21,9 +21,10 @@ import pytest
 from mlflow import MlflowClient
 from scipy import stats
 
-from pipeline import cli, rerun
+from pipeline import cli
 from pipeline.config import ConfigError
-from pipeline.rerun import (
+from pipeline.ops import rerun
+from pipeline.ops.rerun import (
     EXIT_DRIFT,
     EXIT_FAILED,
     EXIT_LOCKED,
@@ -36,7 +37,7 @@ from pipeline.rerun import (
     run_rerun,
     study_lock,
 )
-from pipeline.schedule import cron_line, parse_cron, rerun_command
+from pipeline.ops.schedule import cron_line, parse_cron, rerun_command
 from pipeline.storage import open_storage
 from tests.conftest import TINY, tiny_study
 
@@ -341,7 +342,7 @@ def test_lock_concurrent_reruns_and_a_killed_holder(project, capsys):
         [
             sys.executable,
             "-c",
-            "import sys, time\nfrom pathlib import Path\nfrom pipeline.rerun import study_lock\n"
+            "import sys, time\nfrom pathlib import Path\nfrom pipeline.ops.rerun import study_lock\n"
             "with study_lock(Path(sys.argv[1])):\n    time.sleep(600)\n",
             str(folder),
         ],
@@ -371,7 +372,7 @@ def test_sigterm_during_a_rerun_fails_queues_and_explains_the_trial(project, mon
     def stopped(*args, **kwargs):
         raise Terminated(signal.SIGTERM)
 
-    monkeypatch.setattr("pipeline.study.train", stopped)
+    monkeypatch.setattr("pipeline.study.trial.train", stopped)
     assert _cli(project, "tiny.toml") == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert "stopped by SIGTERM: trial 0 was marked FAIL and queued again" in err
@@ -388,7 +389,7 @@ def test_a_signal_while_the_study_page_is_written_still_stops_the_command(projec
     def stopped(*args, **kwargs):
         raise Terminated(signal.SIGTERM)
 
-    monkeypatch.setattr("pipeline.study_report.write_study_page", stopped)
+    monkeypatch.setattr("pipeline.report.study_page.write_study_page", stopped)
     args = ["study", "tiny.toml", "--storage", project["storage"], "--tracking-uri", project["tracking_uri"]]
     assert cli.main(args) == 128 + signal.SIGTERM
     assert "stopped by SIGTERM" in capsys.readouterr().err

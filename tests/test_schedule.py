@@ -17,7 +17,7 @@ import subprocess
 import pytest
 
 from pipeline import cli
-from pipeline.schedule import (
+from pipeline.ops.schedule import (
     CRONTAB_ENV,
     ScheduleError,
     entries,

@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.storage import StudyError, open_storage, storage_spec
-from pipeline.study import run_study
+from pipeline.study.run import run_study
 from tests.conftest import tiny_study
 
 

@@ -20,11 +20,13 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from scipy import stats
 
-from pipeline import study_report as sr
+from pipeline import compare
 from pipeline.cli import main
 from pipeline.config import load_study
+from pipeline.report import study_page as sr
+from pipeline.report import study_summary
 from pipeline.storage import open_storage
-from pipeline.study import open_study, run_study
+from pipeline.study.run import open_study, run_study
 
 # ----------------------------------------------------------------------------------------------
 # Statistics
@@ -49,37 +51,37 @@ def test_mcnemar_matches_the_exact_binomial_tail():
     expected = 2 * (1 + 11 + 55) / 2048
     assert _two_sided_binomial_half(2, 11) == pytest.approx(expected)
 
-    result = sr.compare_paired(a, b, confidence=0.9)
+    result = compare.compare_paired(a, b, confidence=0.9)
     assert result.table.tolist() == [[10, 2], [9, 79]]
     assert result.p_value == pytest.approx(expected, rel=1e-12)
     assert result.difference == pytest.approx((12 - 19) / 100)
     assert result.verdict == "better"  # p = 0.065 ≤ δ = 0.1, and A makes fewer errors
-    assert sr.compare_paired(b, a, confidence=0.9).verdict == "worse"
-    assert sr.compare_paired(a, b, confidence=0.95).verdict == "indistinguishable at this test size"
+    assert compare.compare_paired(b, a, confidence=0.9).verdict == "worse"
+    assert compare.compare_paired(a, b, confidence=0.95).verdict == "indistinguishable at this test size"
     # equal splits: p = 1
-    same = sr.compare_paired(*_errors_from_table(5, 4, 4, 87), confidence=0.9)
+    same = compare.compare_paired(*_errors_from_table(5, 4, 4, 87), confidence=0.9)
     assert same.p_value == pytest.approx(1.0)
 
 
 def test_paired_interval_reproduces_newcombes_worked_example():
     # Fagerland, Lydersen & Laake (2017), ch. 8: table [[59, 6], [16, 80]], 95 % Newcombe
     # square-and-add interval -0.1186 to -0.0046 for (6 − 16)/161 = -0.0621
-    low, high = sr.paired_difference_interval(np.array([[59, 6], [16, 80]]), 0.95)
+    low, high = compare.paired_difference_interval(np.array([[59, 6], [16, 80]]), 0.95)
     assert (round(low, 4), round(high, 4)) == (-0.1186, -0.0046)
     # no disagreement at all: a real (non-degenerate) interval around 0, unlike Wald's
-    low, high = sr.paired_difference_interval(np.array([[10, 0], [0, 90]]), 0.9)
+    low, high = compare.paired_difference_interval(np.array([[10, 0], [0, 90]]), 0.9)
     assert low < 0 < high
 
 
 def test_union_bound_and_bonferroni_formulas():
     m, delta = 2000, 0.1
-    assert sr.union_hoeffding_epsilon(m, delta, 50) == pytest.approx(
+    assert compare.union_hoeffding_epsilon(m, delta, 50) == pytest.approx(
         math.sqrt(math.log(2 * 50 / delta) / (2 * m))
     )
-    assert sr.union_hoeffding_epsilon(m, delta, 50) == pytest.approx(0.0416, abs=1e-4)  # NOTES.md
-    assert sr.union_hoeffding_epsilon(m, delta, 1) == pytest.approx(0.0274, abs=1e-4)
+    assert compare.union_hoeffding_epsilon(m, delta, 50) == pytest.approx(0.0416, abs=1e-4)  # NOTES.md
+    assert compare.union_hoeffding_epsilon(m, delta, 1) == pytest.approx(0.0274, abs=1e-4)
     k, n = 230, 8
-    low, high = sr.bonferroni_clopper_pearson(k, m, delta, n)
+    low, high = compare.bonferroni_clopper_pearson(k, m, delta, n)
     # Clopper–Pearson limits at 1 − δ/N are Beta quantiles at δ/(2N)
     assert low == pytest.approx(stats.beta.ppf(delta / (2 * n), k, m - k + 1), rel=1e-9)
     assert high == pytest.approx(stats.beta.ppf(1 - delta / (2 * n), k + 1, m - k), rel=1e-9)
@@ -91,13 +93,13 @@ def test_smallest_resolvable_difference_against_enumeration():
     m, delta = 1000, 0.1
     for n_d in (3, 4, 5, 12, 40):
         significant = [n_d - 2 * b for b in range(n_d // 2 + 1) if _two_sided_binomial_half(b, n_d) <= delta]
-        got = sr.smallest_resolvable_difference(n_d, m, delta)
+        got = compare.smallest_resolvable_difference(n_d, m, delta)
         if significant:
             assert got == pytest.approx(min(significant) / m)
         else:
             assert math.isnan(got)
-    assert math.isnan(sr.smallest_resolvable_difference(4, m, delta))  # 2/16 = 0.125 > 0.1
-    assert sr.smallest_resolvable_difference(5, m, delta) == pytest.approx(5 / m)  # 2/32 ≤ 0.1
+    assert math.isnan(compare.smallest_resolvable_difference(4, m, delta))  # 2/16 = 0.125 > 0.1
+    assert compare.smallest_resolvable_difference(5, m, delta) == pytest.approx(5 / m)  # 2/32 ≤ 0.1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +154,7 @@ def study_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("OPTUNA_STORAGE", raising=False)
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.setattr("pipeline.stages.TRUE_ERROR_SAMPLE", SMALL_TRUE_ERROR_SAMPLE)
+        mp.setattr("pipeline.report.trial.TRUE_ERROR_SAMPLE", SMALL_TRUE_ERROR_SAMPLE)
         study = open_study(cfg, ws["storage"])
         for lr in (0.05, 1e6, 0.1, 0.05):  # trial 0 fails, 1 diverges, 2 and 3 complete
             study.enqueue_trial({"lr": lr, "momentum": 0.0})
@@ -160,13 +162,13 @@ def study_run(tmp_path_factory):
         def boom(*_):
             raise RuntimeError("injected failure")
 
-        mp.setattr("pipeline.study.build_model", boom)
+        mp.setattr("pipeline.study.trial.build_model", boom)
         with pytest.raises(RuntimeError, match="injected failure"):
             run_study(cfg, **kw)
         mp.undo()
         mp.delenv("OPTUNA_STORAGE", raising=False)
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.setattr("pipeline.stages.TRUE_ERROR_SAMPLE", SMALL_TRUE_ERROR_SAMPLE)
+        mp.setattr("pipeline.report.trial.TRUE_ERROR_SAMPLE", SMALL_TRUE_ERROR_SAMPLE)
         outcome = run_study(cfg, **kw)
         page_bytes = outcome.page.read_bytes()
     study = optuna.load_study(study_name="tiny", storage=open_storage(ws["storage"]))
@@ -193,7 +195,7 @@ def test_study_run_writes_the_page(study_run):
 def test_trials_table_matches_optuna_storage(study_run):
     study, cfg = study_run["study"], study_run["cfg"]
     page_dir = study_run["ws"]["reports_root"] / "tiny"
-    frame = sr.trials_frame(study, cfg, page_dir)
+    frame = study_summary.trials_frame(study, cfg, page_dir)
     trials = study.get_trials()
     assert frame["number"].tolist() == [t.number for t in trials]
     state_names = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
@@ -355,7 +357,7 @@ def test_page_explains_what_it_cannot_show(tmp_path):
     assert summary.selected == 0 and summary.runner_up is None
     assert "Fewer than two complete trials" in text
     assert "parameter importances need at least 2 complete trials" in text
-    assert "non-finite loss at epoch 1" in text and html.escape(sr.NO_REASON) in text
+    assert "non-finite loss at epoch 1" in text and html.escape(study_summary.NO_REASON) in text
     assert "1 complete, 1 pruned, 1 failed" in text
 
 

@@ -26,8 +26,8 @@ from optuna.trial import TrialState
 from pipeline import cli
 from pipeline.config import parse_study
 from pipeline.storage import open_storage
-from pipeline.study import run_study
-from pipeline.worker import process_alive, worker_id
+from pipeline.study.run import run_study
+from pipeline.study.workers import process_alive, worker_id
 from tests.conftest import TINY, tiny_study, with_changes
 from tests.postgres import find_bindir, postgres_server
 

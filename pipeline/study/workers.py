@@ -34,11 +34,9 @@ from pipeline.signals import signal_in, stop_reason
 from pipeline.storage import AllocationLock, Retry, StudyError, uses_heartbeat, write_error
 
 POLL_SECONDS = 2.0  # how often an idle worker looks at trials other workers are running
+
+
 UNCLAIMED_SECONDS = 60  # a RUNNING trial with no worker id after this long is not waited for
-
-
-# ----------------------------------------------------------------------------------------------
-# Which process runs a trial, and is it still alive
 
 
 def worker_id(pid: int | None = None) -> str:
@@ -82,10 +80,6 @@ def process_alive(wid: str) -> bool | None:
     except PermissionError:
         return True
     return True
-
-
-# ----------------------------------------------------------------------------------------------
-# Sweep: dead workers' trials
 
 
 def sweep(study: optuna.Study, spec: str, mlflow: Any = None, experiment_id: str | None = None) -> list[int]:
@@ -134,10 +128,6 @@ def close_orphan_runs(study: optuna.Study, mlflow: Any, experiment_id: str) -> l
     return closed
 
 
-# ----------------------------------------------------------------------------------------------
-# The worker loop
-
-
 class OneLineTrialFailure(logging.Filter):
     """Optuna logs a failed trial with its whole traceback, then a second line: keep one line.
 
@@ -154,6 +144,8 @@ class OneLineTrialFailure(logging.Filter):
 
 
 _ONE_LINE = OneLineTrialFailure()
+
+
 logging.getLogger("optuna.study._optimize").addFilter(_ONE_LINE)
 
 

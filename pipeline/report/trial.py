@@ -1,6 +1,7 @@
-"""After training: the bounds stage, the ground-truth check, and the trial report, composed.
+"""The per-trial report stage: intervals, the ground-truth check and ``trial-NNNN/`` (atomically).
 
-Kept apart from ``study`` so it runs (and is tested) without Optuna or MLflow.
+Runs (and is tested) without Optuna or MLflow: it takes a trained model and its evaluations, and
+returns the files and metrics for the trial's MLflow run to log.
 """
 
 from __future__ import annotations
@@ -11,16 +12,28 @@ from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 
-from pipeline import bounds, bounds_plots, files, report
+from pipeline import bounds, files
 from pipeline.config import StudyConfig
 from pipeline.data import Split
 from pipeline.evaluate import Evaluation, evaluate, predict_logits
+from pipeline.report.figures import (
+    plot_bounds,
+    plot_confusion,
+    plot_coverage,
+    plot_curves,
+    plot_decision_boundary,
+    plot_true_distribution,
+)
+from pipeline.report.html import classification_table, html_page, image_html, table_html
 from pipeline.train import TrainResult
 
 TRUE_ERROR_SAMPLE = 4_000_000  # fresh points for the true error estimate (independent of the sets)
+
+
 BCA_RESAMPLES = 999  # the ground-truth BCa coverage uses fewer sets and resamples: it is costly
+
+
 BCA_BUDGET = 200 * 2000**2  # scipy's BCa jackknife costs ~m² per set: 200 sets at m = 2000
 
 
@@ -70,38 +83,6 @@ def ground_truth_check(
         bca_resamples=BCA_RESAMPLES,
     )
     return GroundTruth(true_error, matrix.mean(axis=1), cover)
-
-
-def plot_decision_boundary(model: torch.nn.Module, split: Split, path: Path, title: str) -> Path:
-    """p(y=1|x) as a filled contour over the data range, training points and the Bayes boundary."""
-    if split.input_dim != 2:
-        raise ValueError(
-            f"a decision boundary needs 2-D inputs; {split.source} has {split.input_dim} features"
-        )
-    x = split.x_train
-    lo, hi = x.min(0).values - 0.5, x.max(0).values + 0.5
-    gx, gy = torch.meshgrid(
-        torch.linspace(lo[0], hi[0], 200), torch.linspace(lo[1], hi[1], 200), indexing="xy"
-    )
-    grid = torch.stack([gx.ravel(), gy.ravel()], 1)
-    prob = torch.softmax(predict_logits(model, grid).double(), 1)[:, 1].view(200, 200)
-    fig = Figure(figsize=(5.5, 4.6))
-    ax = fig.add_subplot()
-    filled = ax.contourf(gx, gy, prob, levels=np.linspace(0, 1, 11), cmap="RdBu_r", alpha=0.6)
-    fig.colorbar(filled, ax=ax, label="model p(y=1 | x)")
-    ax.contour(gx, gy, prob, levels=[0.5], colors="black", linewidths=1.5)
-    if split.ground_truth is not None:
-        bayes = split.ground_truth.posterior(grid).view(200, 200)
-        ax.contour(gx, gy, bayes, levels=[0.5], colors="green", linewidths=1.5, linestyles="--")
-    y = split.y_train
-    ax.scatter(x[y == 0, 0], x[y == 0, 1], s=6, c="tab:blue", label=split.classes[0])
-    ax.scatter(x[y == 1, 0], x[y == 1, 1], s=6, c="tab:red", label=split.classes[1])
-    ax.plot([], [], "k-", label="model boundary")
-    if split.ground_truth is not None:
-        ax.plot([], [], "g--", label="Bayes boundary")
-    ax.legend(fontsize=7, loc="upper right")
-    ax.set_title(title)
-    return files.save_figure(fig, path)
 
 
 def bounds_and_report(
@@ -156,18 +137,16 @@ def bounds_and_report(
     title = f"{cfg.name} trial {trial_number}"
     with files.atomic_dir(folder) as tmp:
         figures = {
-            "curves": report.plot_curves(result.history, tmp / "curves.png"),
-            "confusion_matrix": report.plot_confusion(
-                test, split.classes, tmp / "confusion_matrix.png", "test set"
-            ),
+            "curves": plot_curves(result.history, tmp / "curves.png"),
+            "confusion_matrix": plot_confusion(test, split.classes, tmp / "confusion_matrix.png", "test set"),
         }
-        bounds_plots.plot_bounds(err.distribution, err.empirical_error, err.intervals, m, tmp / "bounds.png")
+        plot_bounds(err.distribution, err.empirical_error, err.intervals, m, tmp / "bounds.png")
         figures["bounds"] = tmp / "bounds.png"
         if truth is not None:
-            bounds_plots.plot_true_distribution(
+            plot_true_distribution(
                 truth.fresh_errors, truth.true_error, test.error, m, tmp / "true_error.png"
             )
-            bounds_plots.plot_coverage(truth.coverage, tmp / "coverage.png")
+            plot_coverage(truth.coverage, tmp / "coverage.png")
             figures["true_error"] = tmp / "true_error.png"
             figures["coverage"] = tmp / "coverage.png"
         if split.input_dim == 2:
@@ -224,7 +203,7 @@ def _trial_page(
     title, cfg, split, params, result, val, test, train_eval, err, sizes, truth, figures, provenance
 ) -> str:
     pct = f"{100 * cfg.bounds.confidence:g} %"
-    overview = report.table_html(
+    overview = table_html(
         [
             ("parameters", _describe(params, cfg)),
             ("outcome", result.outcome),
@@ -247,8 +226,8 @@ def _trial_page(
         f"(δ = {1 - cfg.bounds.confidence:.3g}). <em>Guaranteed</em> intervals hold for any true "
         "error; the others rest on an approximation (normal limit, a plugged-in variance or the "
         "bootstrap).</p>"
-        + report.table_html(rows, ("method", "low", "high", "width", "guaranteed", "note"))
-        + report.image_html(figures["bounds"], "bootstrap distribution and intervals")
+        + table_html(rows, ("method", "low", "high", "width", "guaranteed", "note"))
+        + image_html(figures["bounds"], "bootstrap distribution and intervals")
         + f"<p>Test-set size m = {err.m}. At this m Hoeffding's ε is "
         f"{sizes['hoeffding_epsilon']:.4f} at {pct}. To know the error to ±1 % with probability "
         f"0.99, Hoeffding needs m = {sizes['hoeffding_m_1pct_99']:,}; the exact binomial interval "
@@ -258,11 +237,10 @@ def _trial_page(
     )
     sections = [
         ("Overview", overview),
-        ("Learning curves", report.image_html(figures["curves"], "learning curves")),
+        ("Learning curves", image_html(figures["curves"], "learning curves")),
         (
             "Test set: confusion matrix and classification report",
-            report.image_html(figures["confusion_matrix"], "confusion matrix")
-            + report.classification_table(test),
+            image_html(figures["confusion_matrix"], "confusion matrix") + classification_table(test),
         ),
         ("Confidence intervals for the test error", intervals),
     ]
@@ -279,19 +257,17 @@ def _trial_page(
                 f"below; the true error, {truth.true_error:.4f}, is measured on "
                 f"{TRUE_ERROR_SAMPLE:,} further fresh points. This trial's single test set gave "
                 f"{test.error:.4f}.</p>"
-                + report.image_html(figures["true_error"], "true error distribution")
+                + image_html(figures["true_error"], "true error distribution")
                 + "<p>Coverage: the fraction of fresh test sets whose interval contains the true "
                 "error. A guaranteed method must reach its nominal level; approximate ones may not.</p>"
-                + report.table_html(
+                + table_html(
                     cov_rows, ("method", "nominal", "coverage", "mean width", "sets", "guaranteed", "note")
                 )
-                + report.image_html(figures["coverage"], "coverage per method"),
+                + image_html(figures["coverage"], "coverage per method"),
             )
         )
     if "decision_boundary" in figures:
-        sections.append(
-            ("Decision boundary", report.image_html(figures["decision_boundary"], "decision boundary"))
-        )
+        sections.append(("Decision boundary", image_html(figures["decision_boundary"], "decision boundary")))
     prov = {
         "config hash": cfg.config_hash(),
         "split hash": split.split_hash,
@@ -299,5 +275,5 @@ def _trial_page(
         "training seed": cfg.training.seed,
         **provenance,
     }
-    sections.append(("Provenance", report.table_html(list(prov.items()), ("", ""))))
-    return report.html_page(title, sections)
+    sections.append(("Provenance", table_html(list(prov.items()), ("", ""))))
+    return html_page(title, sections)

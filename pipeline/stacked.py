@@ -1,11 +1,11 @@
-"""Population training: K trials' MLPs trained together, similar ones as one batched computation.
+"""Stacked training: K MLPs trained together, similar ones as one batched computation.
 
 Each layer's weights are stacked as [K, in, out] and applied with one batched matmul
 (``torch.baddbmm``); lr, momentum and weight_decay are per-member tensors in the same hand-written
 update as ``pipeline.optim.ManualSGD``. Every member sees the batches ``pipeline.train.train``
 draws from ``training.seed`` (the trials of a study share it, so they share the order) and starts
 from its own model's weights, so in float64 the population ends where K separate ``train`` calls
-end, to round-off (tests/test_population.py).
+end, to round-off (tests/study/test_population.py).
 
 Members of one activation are stacked in groups (``plan_groups``), trained one group after
 another; within a group, narrower members are zero-padded to the widest: a padded unit has zero
@@ -16,17 +16,14 @@ studies) and leaves wide ones (CIFAR-2) one per group.
 A member that diverges, or whose callback asks to stop (pruning), is written back to its model
 and dropped from its group; the others go on.
 
-:func:`optimize_population` is the Optuna side: it asks K trials, trains them together and tells
-each its own outcome, each still with its own MLflow run and report (``pipeline.study``'s
-``begin_trial`` / ``epoch_callback`` / ``finish_trial``).
+The Optuna side, asking K trials and telling each its outcome, is ``pipeline.study.population``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -49,11 +46,14 @@ from pipeline.train import (
 
 Callback = Callable[[EpochRecord], bool | None]
 
+
 # On CPU a group holds at most this many hidden activations per layer (members x batch x width).
 # Measured here: past about 2**17 floats (512 KB, a core's share of L2) the batched elementwise
 # ops and the skinny batched matmuls (an output width of 2) run slower per member than one model
 # at a time, so wide members train in smaller groups (down to one) while tiny ones share a group.
 CPU_GROUP_ELEMENTS = 1 << 17
+
+
 # Nor is a member padded to more than this many times its own width: the padded units' elementwise
 # work is real work (tanh costs about 6 ns per element here), so 5 and 500 units share no group.
 MAX_PADDING = 4
@@ -342,168 +342,3 @@ def _train_group(group: _Group, models, config, on_epoch, data) -> dict[int, Tra
         if len(keep) < len(group.members):
             group.keep(keep)
     return results
-
-
-# ----------------------------------------------------------------------------------------------
-# Optuna: ask K trials, train them together, tell each
-
-
-@contextlib.contextmanager
-def _optimize_loop(study) -> Iterator[None]:
-    """Run under the flag ``Study.optimize`` sets, so ``study.stop()`` works as it does there.
-
-    Optuna's GridSampler calls ``study.stop()`` from ``tell`` once its grid is used up, and
-    ``stop`` raises outside ``optimize``; inside, it sets the flag this driver then honours.
-    """
-    local = study._thread_local
-    before = local.in_optimize_loop
-    local.in_optimize_loop, study._stop_flag = True, False
-    try:
-        yield
-    finally:
-        local.in_optimize_loop = before
-
-
-@contextlib.contextmanager
-def _heartbeats(study, trials) -> Iterator[None]:
-    """On a database storage with a heartbeat, beat for every trial of the round while it trains
-    (what ``Study.optimize`` does for its one trial), so other workers never fail them as stale."""
-    from optuna.storages._heartbeat import get_heartbeat_thread
-
-    with contextlib.ExitStack() as stack:
-        for trial in trials:
-            stack.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
-        yield
-
-
-def optimize_population(
-    study,
-    ctx,
-    total: int,
-    *,
-    spec: str,
-    sweep: Callable[[], Any] | None = None,
-    on_trial: Callable[[Any], None] | None = None,
-) -> None:
-    """Run trials ``training.population`` at a time until the study holds ``total`` finished ones.
-
-    Like ``pipeline.worker.optimize``, and sharing its allocation lock, worker id and sweep: each
-    round asks as many trials as there are free slots (``total`` - complete - pruned - running),
-    at most K, trains them as one population and tells each its own outcome. A process with no
-    free slot returns rather than wait for other workers' trials. Interrupted trials (a signal,
-    Ctrl-C, a disk error) end FAIL and are queued to run again.
-    """
-    from optuna.trial import TrialState
-
-    from pipeline import worker as workers
-    from pipeline.storage import AllocationLock
-
-    lock = AllocationLock(spec, study.study_name)
-    try:
-        with _optimize_loop(study):
-            while not study._stop_flag:
-                if sweep is not None:
-                    sweep()
-                lock.acquire()
-                try:
-                    states = [t.state for t in study.get_trials(deepcopy=False)]
-                    busy = sum(
-                        states.count(s) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-                    )
-                    size = min(ctx.cfg.training.population, total - busy)
-                    if size <= 0:
-                        return
-                    trials = [study.ask() for _ in range(size)]
-                finally:
-                    lock.release()
-                for trial in trials:
-                    trial.set_user_attr("worker", workers.worker_id())
-                _run_round(study, trials, ctx, on_trial)
-    finally:
-        lock.close()
-
-
-def _run_round(study, trials, ctx, on_trial: Callable[[Any], None] | None) -> None:
-    """Begin every trial's MLflow run, train them together, then finish, report and tell each."""
-    import optuna
-    from optuna.trial import TrialState
-
-    from pipeline import tracking
-    from pipeline.signals import Terminated, signal_in, stop_reason
-    from pipeline.storage import Retry, StudyError, write_error
-    from pipeline.study import begin_trial, build_model, epoch_callback, finish_trial
-
-    plans: dict[int, Any] = {}  # trial number -> TrialPlan
-    closed: set[int] = set()  # trials told, their MLflow run ended
-    failure: BaseException | None = None
-    try:
-        for trial in trials:
-            plans[trial.number] = begin_trial(trial, ctx)
-        members = [plans[t.number] for t in trials]
-        models = [build_model(ctx, plan) for plan in members]
-        buffers = [tracking.MetricBuffer(ctx.mlflow, plan.run_id) for plan in members]
-        callbacks = [epoch_callback(t, ctx, b) for t, b in zip(trials, buffers, strict=True)]
-        try:
-            with _heartbeats(study, trials):
-                results = train_population(
-                    models, ctx.split, [plan.hyper for plan in members], ctx.cfg.training, callbacks
-                )
-        finally:
-            for buffer in buffers:
-                buffer.flush()
-        for trial, plan, model, result in zip(trials, members, models, results, strict=True):
-            status = "FAILED"
-            try:
-                value = finish_trial(trial, ctx, plan, model, result)
-                study.tell(trial, value)
-                status = "FINISHED"
-            except optuna.TrialPruned:
-                study.tell(trial, state=TrialState.PRUNED)
-                status = "FINISHED"
-            except Exception as exc:  # this trial fails; the round's others still finish
-                with contextlib.suppress(Exception):
-                    trial.set_user_attr("reason", f"{type(exc).__name__}: {exc}"[:1000])
-                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-                failure = failure or exc
-            finally:
-                ctx.mlflow.set_terminated(plan.run_id, status)
-                closed.add(trial.number)
-            if on_trial is not None:
-                on_trial(_frozen(study, trial.number))
-    except (Terminated, KeyboardInterrupt, StudyError, OSError) as exc:
-        # Interrupted: every trial not yet told is failed and queued to run again.
-        open_trials = [t for t in trials if t.number not in closed]
-        stop = signal_in(exc)
-        for trial in open_trials if stop is not None else ():
-            with contextlib.suppress(Exception):
-                trial.set_user_attr("reason", stop_reason(stop))
-        _fail(study, open_trials, plans, ctx)
-        for trial in open_trials:
-            Retry()(study, _frozen(study, trial.number))
-        numbers = ", ".join(str(t.number) for t in open_trials)
-        if isinstance(exc, OSError):
-            raise StudyError(write_error(exc, f"trials {numbers}")) from exc
-        with contextlib.suppress(AttributeError):
-            exc.trial = numbers  # for the exit message
-        raise
-    except BaseException:
-        _fail(study, [t for t in trials if t.number not in closed], plans, ctx)
-        raise
-    if isinstance(failure, OSError):
-        raise StudyError(write_error(failure, "a trial's report")) from failure
-    if failure is not None:
-        raise failure
-
-
-def _frozen(study, number: int):
-    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
-
-
-def _fail(study, trials, plans, ctx) -> None:
-    """Tell FAIL and end the MLflow run of each trial: no trial left RUNNING, no run left open."""
-    from optuna.trial import TrialState
-
-    for trial in trials:
-        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-        if trial.number in plans:
-            ctx.mlflow.set_terminated(plans[trial.number].run_id, "FAILED")

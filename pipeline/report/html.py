@@ -1,8 +1,4 @@
-"""Report stage: per-trial figures, ``metrics.json`` and a self-contained ``report.html``.
-
-A report folder is built under a temporary name and renamed into place, so a crash never leaves
-a half-written report that looks complete.
-"""
+"""The pages' HTML pieces: tables, embedded figures, the page frame and its style."""
 
 from __future__ import annotations
 
@@ -13,39 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
-from sklearn.metrics import ConfusionMatrixDisplay
-
 from pipeline.evaluate import Evaluation
-from pipeline.files import save_figure
-from pipeline.train import EpochRecord
-
-
-def plot_confusion(evaluation: Evaluation, classes: Sequence[str], path: Path, title: str) -> Path:
-    fig = Figure(figsize=(4.2, 3.6))
-    ax = fig.add_subplot()
-    ConfusionMatrixDisplay(evaluation.confusion, display_labels=list(classes)).plot(
-        ax=ax, colorbar=False, values_format="d"
-    )
-    ax.set_title(title)
-    return save_figure(fig, path)
-
-
-def plot_curves(history: Sequence[EpochRecord], path: Path) -> Path:
-    """Loss and accuracy per epoch, train and validation."""
-    epochs = [r.epoch for r in history]
-    fig = Figure(figsize=(9, 3.4))
-    for ax, key, label in (
-        (fig.add_subplot(1, 2, 1), "loss", "loss"),
-        (fig.add_subplot(1, 2, 2), "acc", "accuracy"),
-    ):
-        ax.plot(epochs, [getattr(r, f"train_{key}") for r in history], "o-", ms=2, label="train")
-        ax.plot(epochs, [getattr(r, f"val_{key}") for r in history], "o-", ms=2, label="validation")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    return save_figure(fig, path)
 
 
 def table_html(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:

@@ -1,0 +1,116 @@
+"""Paired statistics: two models on the same test points, and N models read side by side.
+
+- ``compare_paired``: the exact McNemar test with Newcombe's paired-difference interval and a
+  verdict; ``smallest_resolvable_difference`` says what the test set can resolve.
+- ``union_hoeffding_epsilon`` / ``bonferroni_clopper_pearson``: simultaneous bounds, valid for all
+  N test errors at once (picking the best of N on one set is optimistic: Cawley & Talbot 2010).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.proportion import proportion_confint
+
+from pipeline import bounds
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Two models on the same test points: model A (selected) against model B (runner-up)."""
+
+    table: np.ndarray  # 2×2 counts; rows A wrong / right, columns B wrong / right
+    p_value: float  # exact two-sided McNemar
+    difference: float  # error(A) − error(B); negative means A makes fewer errors
+    low: float  # Newcombe interval for the difference
+    high: float
+    confidence: float
+    verdict: str  # "better" | "worse" | "indistinguishable at this test size"
+
+    @property
+    def m(self) -> int:
+        return int(self.table.sum())
+
+    @property
+    def n_discordant(self) -> int:
+        return int(self.table[0, 1] + self.table[1, 0])
+
+
+def paired_table(errors_a: np.ndarray, errors_b: np.ndarray) -> np.ndarray:
+    """2×2 counts of two 0/1 error vectors on the same points: rows A wrong/right, columns B wrong/right."""
+    a = np.asarray(errors_a).astype(bool)
+    b = np.asarray(errors_b).astype(bool)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired errors must be two 1-D arrays of one length, got {a.shape} and {b.shape}")
+    return np.array([[np.sum(a & b), np.sum(a & ~b)], [np.sum(~a & b), np.sum(~a & ~b)]], dtype=np.int64)
+
+
+def paired_difference_interval(table: np.ndarray, confidence: float) -> tuple[float, float]:
+    """Newcombe's (1998, method 10) square-and-add interval for p1 − p2 from a paired 2×2 table.
+
+    p1 = (t00 + t01)/n and p2 = (t00 + t10)/n, so p1 − p2 = (t01 − t10)/n. Wilson score limits for
+    each proportion are combined with the phi correlation of the pairs (its numerator shrunk by
+    n/2 when positive, as Newcombe does). Approximate, not guaranteed; unlike the Wald interval it
+    does not collapse to zero width when the two models rarely disagree.
+    """
+    t = np.asarray(table, dtype=float)
+    n = t.sum()
+    if t.shape != (2, 2) or n <= 0:
+        raise ValueError(f"need a 2×2 table with a positive total, got {t.tolist()}")
+    a, b, c, d = t.ravel()
+    alpha = 1 - confidence
+    p1, p2 = (a + b) / n, (a + c) / n
+    l1, u1 = proportion_confint(a + b, n, alpha=alpha, method="wilson")
+    l2, u2 = proportion_confint(a + c, n, alpha=alpha, method="wilson")
+    margins = (a + b) * (c + d) * (a + c) * (b + d)
+    cross = a * d - b * c
+    shrunk = cross - n / 2 if cross > n / 2 else (cross if cross < 0 else 0.0)
+    phi = shrunk / math.sqrt(margins) if margins > 0 else 0.0
+    diff = p1 - p2
+    low = diff - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    high = diff + math.sqrt(max(0.0, (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
+    return max(-1.0, low), min(1.0, high)
+
+
+def compare_paired(errors_a: np.ndarray, errors_b: np.ndarray, confidence: float) -> PairedComparison:
+    """Exact McNemar test, Newcombe interval and a verdict at level δ = 1 − confidence."""
+    table = paired_table(errors_a, errors_b)
+    p_value = float(mcnemar(table, exact=True).pvalue)
+    low, high = paired_difference_interval(table, confidence)
+    difference = float(table[0, 1] - table[1, 0]) / table.sum()
+    if p_value <= 1 - confidence:
+        verdict = "better" if difference < 0 else "worse"
+    else:
+        verdict = "indistinguishable at this test size"
+    return PairedComparison(table, p_value, difference, low, high, confidence, verdict)
+
+
+def smallest_resolvable_difference(n_discordant: int, m: int, delta: float) -> float:
+    """Smallest |error(A) − error(B)| the exact two-sided McNemar test rejects at level δ.
+
+    Given the n_d test points on which the two models disagree, a split (b, n_d − b) of those
+    points gives p = 2·P(Binomial(n_d, ½) ≤ b); the answer is (n_d − 2b)/m for the largest b with
+    p ≤ δ. NaN when even a one-sided split of all n_d points is not significant.
+    """
+    if n_discordant <= 0:
+        return math.nan
+    b = np.arange(n_discordant // 2 + 1)
+    significant = np.nonzero(2 * stats.binom.cdf(b, n_discordant, 0.5) <= delta)[0]
+    if not significant.size:
+        return math.nan
+    return (n_discordant - 2 * int(b[significant[-1]])) / m
+
+
+def union_hoeffding_epsilon(m: int, delta: float, n_trials: int) -> float:
+    """Half-width ε = sqrt(ln(2N/δ)/(2m)) holding for all N test errors at once (union bound)."""
+    return bounds.hoeffding_epsilon(m, delta / n_trials)
+
+
+def bonferroni_clopper_pearson(k: int, m: int, delta: float, n_trials: int) -> tuple[float, float]:
+    """Clopper–Pearson interval at confidence 1 − δ/N: N of them hold together with probability ≥ 1 − δ."""
+    low, high = stats.binomtest(k, m).proportion_ci(1 - delta / n_trials, method="exact")
+    return float(low), float(high)

@@ -1,0 +1,1 @@
+"""Operations on studies that already exist: scheduled reruns (``rerun``, ``drift``) and their schedule."""

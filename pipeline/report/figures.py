@@ -1,0 +1,357 @@
+"""Every figure the reports embed: learning curves, confusion matrix, the bounds stage's plots,
+decision boundaries, Optuna's study plots, the forest plot and the rerun history.
+
+Each writes a PNG atomically (``pipeline.files.save_figure``) and returns its path. Figures are
+drawn on ``matplotlib.figure.Figure`` objects (no pyplot state), except Optuna's own plots, which
+are drawn through pyplot inside an ``rc_context`` and closed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import optuna
+import optuna.visualization.matplotlib as ovm
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from numpy.typing import ArrayLike, NDArray
+from optuna.trial import TrialState
+from sklearn.metrics import ConfusionMatrixDisplay
+
+from pipeline.bounds import Coverage, Interval
+from pipeline.compare import bonferroni_clopper_pearson
+from pipeline.data import Split
+from pipeline.evaluate import Evaluation, predict_logits
+from pipeline.files import save_figure
+from pipeline.report.study_summary import StudySummary, TrialOutputs, ranked_trials
+from pipeline.train import EpochRecord
+
+
+def plot_confusion(evaluation: Evaluation, classes: Sequence[str], path: Path, title: str) -> Path:
+    fig = Figure(figsize=(4.2, 3.6))
+    ax = fig.add_subplot()
+    ConfusionMatrixDisplay(evaluation.confusion, display_labels=list(classes)).plot(
+        ax=ax, colorbar=False, values_format="d"
+    )
+    ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def plot_curves(history: Sequence[EpochRecord], path: Path) -> Path:
+    """Loss and accuracy per epoch, train and validation."""
+    epochs = [r.epoch for r in history]
+    fig = Figure(figsize=(9, 3.4))
+    for ax, key, label in (
+        (fig.add_subplot(1, 2, 1), "loss", "loss"),
+        (fig.add_subplot(1, 2, 2), "acc", "accuracy"),
+    ):
+        ax.plot(epochs, [getattr(r, f"train_{key}") for r in history], "o-", ms=2, label="train")
+        ax.plot(epochs, [getattr(r, f"val_{key}") for r in history], "o-", ms=2, label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return save_figure(fig, path)
+
+
+_STYLE = {True: dict(linestyle="-", color="tab:green"), False: dict(linestyle="--", color="tab:orange")}
+
+
+_KIND = {True: "guaranteed", False: "approximate"}
+
+
+def error_histogram_bins(m: int, lo: float, hi: float) -> NDArray[np.float64]:
+    """Bin edges (k − 0.5)/m, one error level 1/m apart, covering [lo, hi].
+
+    R_T only takes the values k/m, so each bin holds exactly one level (lab 2, Part 3 note).
+    """
+    first = math.floor(lo * m + 0.5)
+    last = max(math.ceil(hi * m + 0.5), first + 1)
+    return (np.arange(first, last + 1) - 0.5) / m
+
+
+def plot_bounds(
+    distribution: ArrayLike | None,
+    empirical_error: float,
+    intervals: Sequence[Interval],
+    m: int,
+    path: str | os.PathLike[str],
+) -> None:
+    """Density histogram of the bootstrap test error with R_T and each available interval on top."""
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    shown = [iv for iv in intervals if iv.available]
+    values = [empirical_error] + [x for iv in shown for x in (iv.low, iv.high)]
+    if distribution is not None:
+        dist = np.asarray(distribution, dtype=float)
+        edges = error_histogram_bins(m, min(dist.min(), *values), max(dist.max(), *values))
+        heights, _, _ = ax.hist(dist, bins=edges, density=True, color="tab:blue", alpha=0.5)
+        base, step = 1.05 * heights.max(), 0.1 * heights.max()
+        ax.set_title(f"Bootstrap distribution of the test error (m = {m})")
+    else:
+        base, step = 1.0, 1.0
+        ax.set_yticks([])
+        ax.set_title(f"Intervals only: no bootstrap distribution (all errors equal, m = {m})")
+    ax.axvline(empirical_error, color="black", linewidth=1)
+    for i, iv in enumerate(shown):
+        y = base + i * step
+        # end ticks keep a zero-width interval (Chebyshev at k = 0) visible
+        ax.plot([iv.low, iv.high], [y, y], linewidth=2, marker="|", markersize=8, **_STYLE[iv.guaranteed])
+        ax.text(iv.high, y, f" {iv.method}", va="center", fontsize=8)
+    ax.set_ylim(0, base + len(shown) * step)
+    ax.set_xlabel("test error")
+    ax.set_ylabel("density" if distribution is not None else "")
+    handles = [
+        Line2D([], [], color="black", linewidth=1, label=f"empirical error R_T = {empirical_error:.4f}")
+    ]
+    handles += [Line2D([], [], linewidth=2, label=f"{_KIND[g]} interval", **_STYLE[g]) for g in (True, False)]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8)
+    save_figure(fig, path, dpi=100)
+
+
+def plot_true_distribution(
+    fresh_errors: ArrayLike,
+    true_error: float,
+    single_error: float,
+    m: int,
+    path: str | os.PathLike[str],
+) -> None:
+    """Density histogram of R_T over many fresh test sets, with the true error and one set's R_T."""
+    errors = np.asarray(fresh_errors, dtype=float)
+    edges = error_histogram_bins(m, min(errors.min(), single_error), max(errors.max(), single_error))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    ax.hist(
+        errors, bins=edges, density=True, color="tab:blue", alpha=0.5, label=f"{errors.size} fresh test sets"
+    )
+    ax.axvline(true_error, color="black", linewidth=1.5, label=f"true error {true_error:.4f}")
+    ax.axvline(single_error, color="tab:red", linestyle="--", label=f"single test set {single_error:.4f}")
+    ax.set_title(f"Empirical test error over fresh test sets (m = {m})")
+    ax.set_xlabel("test error")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    save_figure(fig, path, dpi=100)
+
+
+def plot_coverage(coverages: Sequence[Coverage], path: str | os.PathLike[str]) -> None:
+    """Bar per method of the fraction of test sets whose interval held the true error, vs nominal."""
+    fig = Figure(figsize=(8, 4))
+    ax = fig.add_subplot()
+    shown = [c for c in coverages if math.isfinite(c.coverage)]
+    x = np.arange(len(shown))
+    colors = [_STYLE[c.guaranteed]["color"] for c in shown]
+    ax.bar(x, [c.coverage for c in shown], color=colors)
+    ax.set_xticks(x, [f"{c.method}\n(n={c.n_sets})" for c in shown], fontsize=7)
+    nominal = shown[0].nominal if shown else math.nan
+    ax.axhline(nominal, color="black", linestyle=":")
+    _limit_coverage_axis(ax, [c.coverage for c in shown] + [nominal])
+    ax.set_ylabel("coverage")
+    handles = [Line2D([], [], color=_STYLE[g]["color"], linewidth=6, label=_KIND[g]) for g in (True, False)]
+    ax.legend(
+        handles=handles + [Line2D([], [], color="black", linestyle=":", label=f"nominal {nominal:g}")],
+        fontsize=8,
+    )
+    ax.set_title("Coverage of the true error")
+    save_figure(fig, path, dpi=100)
+
+
+def _limit_coverage_axis(ax: Axes, values: Sequence[float]) -> None:
+    finite = [v for v in values if math.isfinite(v)]
+    low = min(finite, default=0.0)
+    ax.set_ylim(max(0.0, low - 0.05), 1.005)
+
+
+def plot_decision_boundary(model: torch.nn.Module, split: Split, path: Path, title: str) -> Path:
+    """p(y=1|x) as a filled contour over the data range, training points and the Bayes boundary."""
+    if split.input_dim != 2:
+        raise ValueError(
+            f"a decision boundary needs 2-D inputs; {split.source} has {split.input_dim} features"
+        )
+    x = split.x_train
+    lo, hi = x.min(0).values - 0.5, x.max(0).values + 0.5
+    gx, gy = torch.meshgrid(
+        torch.linspace(lo[0], hi[0], 200), torch.linspace(lo[1], hi[1], 200), indexing="xy"
+    )
+    grid = torch.stack([gx.ravel(), gy.ravel()], 1)
+    prob = torch.softmax(predict_logits(model, grid).double(), 1)[:, 1].view(200, 200)
+    fig = Figure(figsize=(5.5, 4.6))
+    ax = fig.add_subplot()
+    filled = ax.contourf(gx, gy, prob, levels=np.linspace(0, 1, 11), cmap="RdBu_r", alpha=0.6)
+    fig.colorbar(filled, ax=ax, label="model p(y=1 | x)")
+    ax.contour(gx, gy, prob, levels=[0.5], colors="black", linewidths=1.5)
+    if split.ground_truth is not None:
+        bayes = split.ground_truth.posterior(grid).view(200, 200)
+        ax.contour(gx, gy, bayes, levels=[0.5], colors="green", linewidths=1.5, linestyles="--")
+    y = split.y_train
+    ax.scatter(x[y == 0, 0], x[y == 0, 1], s=6, c="tab:blue", label=split.classes[0])
+    ax.scatter(x[y == 1, 0], x[y == 1, 1], s=6, c="tab:red", label=split.classes[1])
+    ax.plot([], [], "k-", label="model boundary")
+    if split.ground_truth is not None:
+        ax.plot([], [], "g--", label="Bayes boundary")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def varying_params(study: optuna.Study) -> list[str]:
+    """Searched params that take at least two values among complete trials (what plots can show)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    names = sorted({k for t in complete for k in t.params})
+    return [k for k in names if len({repr(t.params.get(k)) for t in complete}) > 1]
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A figure file, or None with the reason it was not drawn; ``note``: what the plotter warned."""
+
+    path: Path | None
+    note: str = ""
+
+
+def optuna_figures(study: optuna.Study, folder: Path, objective: str) -> dict[str, Plot]:
+    """Optuna's matplotlib plots as PNGs; a plot that cannot be drawn says why instead.
+
+    Optuna's plots go through pyplot and switch it to the ggplot style: each runs inside an
+    ``rc_context`` (so the style does not leak into later figures) and its figure is closed.
+    """
+    n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    params = varying_params(study)
+    if n_complete == 0:
+        return {
+            k: Plot(None, "no complete trial yet") for k in ("history", "importances", "slice", "contour")
+        }
+    out = {
+        "history": _pyplot_png(
+            lambda: ovm.plot_optimization_history(study, target_name=objective),
+            folder / "history.png",
+            (7, 4),
+        )
+    }
+    if n_complete < 2 or not params:
+        out["importances"] = Plot(
+            None, "parameter importances need at least 2 complete trials whose parameters vary"
+        )
+    else:
+        out["importances"] = _pyplot_png(
+            lambda: ovm.plot_param_importances(study, params=params, target_name=objective),
+            folder / "importances.png",
+            (7, 1.2 + 0.5 * len(params)),
+        )
+    if not params:
+        out["slice"] = Plot(None, "no searched parameter varies across complete trials")
+    else:
+        out["slice"] = _pyplot_png(
+            lambda: ovm.plot_slice(study, params=params, target_name=objective),
+            folder / "slice.png",
+            (3.6 * len(params), 3.6),
+        )
+    if len(params) < 2 or n_complete < 2:
+        out["contour"] = Plot(
+            None, "a contour plot needs two varying parameters and at least 2 complete trials"
+        )
+    else:
+        size = 3.3 * len(params) if len(params) > 2 else 6
+        out["contour"] = _pyplot_png(
+            lambda: ovm.plot_contour(study, params=params, target_name=objective),
+            folder / "contour.png",
+            (size + 1, size),
+        )
+    return out
+
+
+def _pyplot_png(draw, path: Path, size: tuple[float, float]) -> Plot:
+    """Draw with pyplot, save, close; Optuna's warnings (other than "experimental") become the note."""
+    with matplotlib.rc_context(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        try:
+            axes = draw()
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            plt.close("all")
+            return Plot(None, f"not drawn: {exc}")
+        fig = np.ravel(axes)[0].figure
+        try:
+            fig.set_size_inches(*size)
+            save_figure(fig, path)
+        finally:
+            plt.close(fig)
+    notes = dict.fromkeys(f"Optuna warned: {w.message}" for w in caught)  # unique, in order
+    return Plot(path, " ".join(notes))
+
+
+def plot_forest(
+    study: optuna.Study, outputs: dict[int, TrialOutputs], summary: StudySummary, path: Path
+) -> Path | None:
+    """Every complete trial's test error with its exact interval (thick) and Bonferroni band (thin)."""
+    rows = [t for t in ranked_trials(study) if t.number in outputs]  # by validation, never by test
+    if not rows:
+        return None
+    delta = 1 - summary.confidence
+    fig = Figure(figsize=(7.5, 1.4 + 0.32 * len(rows)))
+    ax = fig.add_subplot()
+    for y, t in enumerate(reversed(rows)):
+        o = outputs[t.number]
+        err = o.k / o.m
+        low = t.user_attrs.get("test_error_clopper_pearson_low", math.nan)
+        high = t.user_attrs.get("test_error_clopper_pearson_high", math.nan)
+        blow, bhigh = bonferroni_clopper_pearson(o.k, o.m, delta, max(summary.n_tested, 1))
+        color = "tab:red" if t.number == summary.selected else "tab:blue"
+        ax.plot([blow, bhigh], [y, y], color=color, alpha=0.35, lw=1.2)
+        ax.plot([low, high], [y, y], color=color, lw=3.5, solid_capstyle="butt")
+        ax.plot([err], [y], "o", color=color, ms=5, mec="black", mew=0.5)
+    labels = [
+        f"trial {t.number}  {summary.objective}={t.value:.4g}"
+        + ("  (selected)" if t.number == summary.selected else "")
+        for t in reversed(rows)
+    ]
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.set_xlabel("test error")
+    ax.grid(axis="x", alpha=0.3)
+    pct = 100 * summary.confidence
+    ax.set_title(
+        f"thick: {pct:g} % Clopper–Pearson per trial; thin: Bonferroni over N = {summary.n_tested}",
+        fontsize=9,
+    )
+    return save_figure(fig, path)
+
+
+def plot_reruns(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Mean test error per rerun with its exact interval and across-seed range; drift in red.
+
+    Written to a temporary file and renamed, like every other report file.
+    """
+    dates = [r["date"][:16].replace("T", " ") for r in history]
+    x = np.arange(len(history))
+    mean = np.array([r["test_error_mean"] for r in history])
+    low = np.array([r["test_error_clopper_pearson"][0] for r in history])
+    high = np.array([r["test_error_clopper_pearson"][1] for r in history])
+    smin = np.array([r["test_error_min"] for r in history])
+    smax = np.array([r["test_error_max"] for r in history])
+    drift = np.array([bool(r.get("drift", {}).get("detected")) for r in history])
+    fig = Figure(figsize=(max(5.5, 0.8 * len(history) + 3), 3.8))
+    ax = fig.add_subplot()
+    ax.vlines(x, low, high, color="0.55", lw=1.2, label="exact interval")
+    ax.vlines(x, smin, smax, color="tab:blue", lw=5, alpha=0.45, label="range across seeds")
+    ax.plot(x[~drift], mean[~drift], "o", color="tab:blue", label="mean test error")
+    if drift.any():
+        ax.plot(x[drift], mean[drift], "o", color="tab:red", ms=9, label="drift")
+    selected = [r.get("selected_test_error") for r in history]
+    if any(v is not None for v in selected):
+        ax.plot(x, [np.nan if v is None else v for v in selected], "x", color="0.3", label="selected trial")
+    ax.set_xticks(x, dates, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("test error")
+    ax.set_title(f"{history[-1]['study']}: reruns (confidence {history[-1]['confidence']:.0%})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return save_figure(fig, path)
