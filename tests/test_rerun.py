@@ -23,7 +23,7 @@ from scipy import stats
 
 from pipeline import cli
 from pipeline.config import ConfigError
-from pipeline.ops import rerun
+from pipeline.ops import drift, rerun
 from pipeline.ops.rerun import (
     EXIT_DRIFT,
     EXIT_FAILED,
@@ -33,11 +33,11 @@ from pipeline.ops.rerun import (
     HISTORY_FILE,
     RerunLocked,
     detect_drift,
-    rerun_section_html,
     run_rerun,
     study_lock,
 )
 from pipeline.ops.schedule import cron_line, parse_cron, rerun_command
+from pipeline.report.reruns import rerun_section_html
 from pipeline.storage import open_storage
 from tests.conftest import TINY, tiny_study
 
@@ -268,7 +268,7 @@ def test_exit_codes_ok_drift_failed_bad_history(project, capsys, monkeypatch):
         raise RuntimeError("boom while retraining")
 
     with monkeypatch.context() as patch:
-        patch.setattr(rerun, "train", boom)
+        patch.setattr(drift, "train", boom)
         assert _cli(project, "tiny.toml") == EXIT_FAILED
     assert "boom while retraining" in capsys.readouterr().err
     folder = project["reports_root"] / "tiny"
