@@ -1,8 +1,13 @@
-"""Command line: ``pipeline <command>`` (also ``python -m pipeline``)."""
+"""Command line: ``pipeline <command>`` (also ``python -m pipeline``); the top floor.
+
+Each command imports what it runs when it runs (the lazy imports below, each marked): ``--help``,
+``check`` and ``schedule`` start without torch, optuna or mlflow.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -10,6 +15,9 @@ import warnings
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_study
+from pipeline.errors import UsageError
+from pipeline.ops import schedule
+from pipeline.signals import exit_code, sigint_note, signal_in, stop_name, stop_on_signals
 
 EXIT_USAGE = 2  # bad study file, bad data, refused resume
 
@@ -74,9 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _study_args(p)
     p = sub.add_parser("schedule", help="install, list or remove a crontab entry that reruns a study")
-    from pipeline.ops.schedule import add_arguments
-
-    add_arguments(p)
+    schedule.add_arguments(p)
     p = sub.add_parser("report", help="rebuild the study page reports/<study>/index.html, no training")
     p.add_argument("study_file", type=Path, metavar="STUDY.toml")
     p.add_argument("--name", help="study name (overrides the file)")
@@ -95,7 +101,7 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from pipeline.study.run import run_study
+    from pipeline.study.run import run_study  # lazy: start-up stays light
 
     cfg = _load(args)
     outcome = run_study(cfg, storage=args.storage, tracking_uri=args.tracking_uri)
@@ -112,7 +118,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_gradcheck(args: argparse.Namespace) -> int:
-    from pipeline.study.gate import run_gradcheck
+    from pipeline.study.gate import run_gradcheck  # lazy: start-up stays light
 
     cfg = _load(args)
     _, table, failures, folder = run_gradcheck(cfg, tracking_uri=args.tracking_uri)
@@ -124,8 +130,6 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    import json
-
     cfg = _load(args)
     print(json.dumps(cfg.to_dict(), indent=2, default=list))
     print(f"config hash {cfg.config_hash()}", file=sys.stderr)
@@ -133,8 +137,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from pipeline.signals import sigint_note
-    from pipeline.study.run import run_study
+    from pipeline.study.run import run_study  # lazy: start-up stays light
 
     cfg = _load(args)
     note = sigint_note()
@@ -157,20 +160,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    from pipeline.ops.rerun import rerun_main
+    from pipeline.ops.rerun import rerun_main  # lazy: start-up stays light
 
     cfg = _load(args)
     return rerun_main(cfg, storage=args.storage, tracking_uri=args.tracking_uri, trials=args.trials)
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from pipeline.ops.schedule import schedule_main
-
-    return schedule_main(args, _load(args) if args.study_file else None)
+    return schedule.schedule_main(args, _load(args) if args.study_file else None)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipeline.report.study_page import regenerate
+    from pipeline.report.study_page import regenerate  # lazy: start-up stays light
 
     page = regenerate(_load(args), storage=args.storage, tracking_uri=args.tracking_uri)
     print(f"study page: {page}")
@@ -178,8 +179,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline import tracking
-    from pipeline.bench.run import format_table, run_bench, write_reports
+    from pipeline import tracking  # lazy: start-up stays light
+    from pipeline.bench.run import format_table, run_bench, write_reports  # lazy: start-up stays light
 
     for key in ("threads", "repeats", "epochs"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
@@ -199,6 +200,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+LIGHT = ("check", "schedule")  # commands that never import torch, optuna or mlflow
+
 COMMANDS = {
     "study": cmd_study,
     "worker": cmd_worker,
@@ -213,15 +216,12 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
-    from pipeline.data import DataError
-    from pipeline.signals import exit_code, signal_in, stop_name, stop_on_signals
-    from pipeline.storage import StudyError
-
+    if args.command not in LIGHT:
+        _quiet_libraries()
     try:
-        with stop_on_signals():  # SIGTERM/SIGHUP: the running trial ends FAIL, its MLflow run closed
+        with stop_on_signals():  # a signal: the running trial ends FAIL and queued, its MLflow run closed
             return COMMANDS[args.command](args)
-    except (ConfigError, DataError, StudyError) as exc:
+    except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (Exception, KeyboardInterrupt) as exc:
@@ -239,7 +239,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    import optuna
+    import optuna  # lazy: only the commands that use optuna pay for its import
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import UsageError
+
 CIFAR10_CLASSES = (
     "airplane",
     "automobile",
@@ -51,7 +53,7 @@ OBJECTIVES = {"val_acc": "maximize", "val_loss": "minimize"}
 SEARCHABLE = ("lr", "momentum", "weight_decay", "hidden", "activation")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A study file that cannot be run as written; the message says where and how to fix it."""
 
 

@@ -28,6 +28,8 @@ from torchvision.datasets import utils as tv_utils
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from pipeline.config import CLASSES, DEFAULT_CLASSES, DatasetConfig
+from pipeline.errors import UsageError
+from pipeline.seeds import derive_seed
 
 # Where Debian's dataset-fashion-mnist package puts the four idx .gz files (read-only).
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -53,7 +55,7 @@ GMM_STD = 0.25  # standard deviation of every component, per coordinate
 GMM_BAYES_ERROR = 0.1177  # 0.5 * integral of min(p0, p1), by quadrature on a 0.002 grid
 
 
-class DataError(RuntimeError):
+class DataError(UsageError, RuntimeError):
     """Data that cannot be read as it is on disk; the message names the file or folder and the fix."""
 
 
@@ -155,8 +157,7 @@ def load_split(ds: DatasetConfig) -> Split:
 
 def _stream(seed: int, name: str) -> torch.Generator:
     """An independent generator per purpose, derived from the one study seed."""
-    digest = hashlib.sha256(f"{name}:{seed}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+    return torch.Generator().manual_seed(derive_seed(seed, name))
 
 
 def _two_classes(data: torch.Tensor, labels: torch.Tensor, ids: tuple[int, int]):

@@ -19,15 +19,17 @@ import os
 import re
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 import sqlalchemy
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from pipeline.config import StudyConfig
+from pipeline.errors import UsageError
 
 DEFAULT_STORAGE_DIR = Path("storage")
 HEARTBEAT_ENV = "PIPELINE_HEARTBEAT_SECONDS"  # heartbeat interval on database storages
@@ -36,8 +38,35 @@ MAX_RETRY = 2  # an interrupted or killed configuration runs at most 1 + MAX_RET
 LOCK_TIMEOUT = 120  # seconds to wait for the allocation lock on PostgreSQL before giving up
 
 
-class StudyError(RuntimeError):
+class StudyError(UsageError, RuntimeError):
     """A study that cannot start or resume as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class TrialCounts:
+    """How many of a study's trials are in each state (the one place they are counted)."""
+
+    complete: int = 0
+    pruned: int = 0
+    fail: int = 0
+    running: int = 0
+    waiting: int = 0
+
+    @property
+    def finished(self) -> int:
+        """Complete or pruned: the trials a study's target counts."""
+        return self.complete + self.pruned
+
+    @property
+    def total(self) -> int:
+        return self.complete + self.pruned + self.fail + self.running + self.waiting
+
+
+def trial_counts(study: optuna.Study) -> TrialCounts:
+    found = {state.name.lower(): 0 for state in TrialState}
+    for trial in study.get_trials(deepcopy=False):
+        found[trial.state.name.lower()] += 1
+    return TrialCounts(**found)
 
 
 def storage_spec(cfg: StudyConfig, explicit: str | None = None) -> str:

@@ -16,9 +16,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import numpy
+import optuna
+import sklearn
+import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+import pipeline
 
 DEFAULT_TRACKING_DIR = Path("mlruns")
 STUDY_ROLE = "study"
@@ -63,14 +70,6 @@ def experiment_id(mlflow: MlflowClient, name: str) -> str:
 
 def provenance() -> dict[str, str]:
     """Git commit and package versions, attached to every run."""
-    import mlflow
-    import numpy
-    import optuna
-    import sklearn
-    import torch
-
-    import pipeline
-
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],
