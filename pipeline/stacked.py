@@ -38,6 +38,7 @@ from pipeline.train import (
     Hyper,
     TrainResult,
     autocast,
+    batch_order_seed,
     batches,
     loss_fn,
     step_macs,
@@ -309,7 +310,7 @@ def _train_group(group: _Group, models, config, on_epoch, data) -> dict[int, Tra
     x, y, x_val, y_val = data
     n = len(x)
     batch = config.batch_size or n
-    order_gen = torch.Generator().manual_seed(config.seed + 1)  # train()'s batch order
+    order_gen = torch.Generator().manual_seed(batch_order_seed(config.seed))  # train()'s batch order
     histories: dict[int, list[EpochRecord]] = {member: [] for member in group.members}
     results: dict[int, TrainResult] = {}
     started = time.perf_counter()

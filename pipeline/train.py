@@ -9,17 +9,21 @@ gradients and the update stay float32); ``pipeline bench`` measures its speed an
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import TrainingConfig
+from pipeline.backprop import set_manual_gradients
+from pipeline.config import ModelConfig, TrainingConfig
 from pipeline.data import Split
 from pipeline.optim import ManualSGD
+from pipeline.seeds import derive_seed
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -31,6 +35,20 @@ class Hyper:
     lr: float  # step size
     momentum: float = 0.0  # heavy-ball coefficient in [0, 1)
     weight_decay: float = 0.0  # L2 coefficient added to the gradient
+
+
+def trial_setup(model: ModelConfig, params: Mapping[str, Any]) -> tuple[ModelConfig, Hyper]:
+    """The model and the update a trial's params describe: the one reading of a trial's params.
+
+    A searched ``hidden`` is one hidden layer of that width and a searched ``activation`` replaces
+    the file's; ``lr``, ``momentum`` and ``weight_decay`` are always searched (fixed values too).
+    """
+    shaped = dataclasses.replace(
+        model,
+        hidden=(params["hidden"],) if "hidden" in params else model.hidden,
+        activation=params.get("activation", model.activation),
+    )
+    return shaped, Hyper(params["lr"], params["momentum"], params["weight_decay"])
 
 
 @dataclass(frozen=True)
@@ -130,6 +148,12 @@ def step_macs(model: torch.nn.Module, batch: int) -> int:
     return batch * sum(m.in_features * m.out_features for m in linears)
 
 
+def batch_order_seed(seed: int) -> int:
+    """The batch-order stream of training seed ``seed``: separate from the initialisation's, and
+    shared by ``train`` and stacked (population) training, so both draw the same batches."""
+    return derive_seed(seed, "batch-order")
+
+
 def batches(x: torch.Tensor, y: torch.Tensor, order: torch.Tensor | None, batch: int):
     """Mini-batches as slices of ``order`` (a permutation), or of the data itself when None."""
     for start in range(0, len(x), batch):
@@ -159,10 +183,8 @@ def _train(model, split, hyper, config, on_epoch) -> TrainResult:
     x_val, y_val = split.x_val.to(dtype), split.y_val
     n = len(x)
     batch = config.batch_size or n
-    order_gen = torch.Generator().manual_seed(config.seed + 1)  # batch order, separate from init
+    order_gen = torch.Generator().manual_seed(batch_order_seed(config.seed))
     optimizer = ManualSGD(model.parameters(), hyper.lr, hyper.momentum, hyper.weight_decay)
-    if config.backward == "manual":
-        from pipeline.backprop import set_manual_gradients
     history: list[EpochRecord] = []
     started = time.perf_counter()
     for epoch in range(1, config.epochs + 1):

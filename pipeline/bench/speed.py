@@ -22,7 +22,7 @@ from pipeline.data import DataError, Split, load_split
 from pipeline.evaluate import evaluate
 from pipeline.model import build_mlp
 from pipeline.optim import ManualSGD
-from pipeline.train import Hyper, train
+from pipeline.train import Hyper, batch_order_seed, train
 
 TRIAL_EPOCHS = 30  # a trial of the CIFAR-2 / Fashion-2 studies
 
@@ -174,7 +174,7 @@ class EpochPermutation(torch.utils.data.Sampler):
     """
 
     def __init__(self, n: int, seed: int) -> None:
-        self.n, self.generator = n, torch.Generator().manual_seed(seed + 1)
+        self.n, self.generator = n, torch.Generator().manual_seed(batch_order_seed(seed))
 
     def __len__(self) -> int:
         return self.n

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 from optuna.trial import TrialState
 
@@ -20,7 +19,8 @@ from pipeline import tracking
 from pipeline.config import StudyConfig
 from pipeline.data import load_split
 from pipeline.report.study_page import write_after_study
-from pipeline.storage import StudyError, open_storage, preflight, redact, storage_spec
+from pipeline.seeds import derive_seed
+from pipeline.storage import StudyError, open_storage, preflight, redact, storage_spec, trial_counts
 from pipeline.study import workers
 from pipeline.study.gate import GradcheckFailed, run_gradcheck
 from pipeline.study.population import optimize_population
@@ -48,9 +48,7 @@ def make_sampler(cfg: StudyConfig, n_existing: int, worker: int = 0) -> optuna.s
     A re-created seeded sampler restarts its RNG, so a resumed run would otherwise repeat the
     first run's suggestions, and workers started together would repeat each other's.
     """
-    seed = cfg.sampler.seed * 100_003 + n_existing
-    if worker:
-        seed = int(np.random.SeedSequence([cfg.sampler.seed, n_existing, worker]).generate_state(1)[0])
+    seed = derive_seed(cfg.sampler.seed, "sampler", n_existing, worker, bits=32)
     if cfg.sampler.kind == "grid":
         space = {k: list(s.choices if s.kind == "choices" else (s.value,)) for k, s in cfg.search.items()}
         return optuna.samplers.GridSampler(space, seed=seed)
@@ -106,14 +104,6 @@ def open_study(cfg: StudyConfig, spec: str, worker: int = 0) -> optuna.Study:
     return study
 
 
-def counts(study: optuna.Study) -> dict[str, int]:
-    states = [t.state for t in study.get_trials(deepcopy=False)]
-    return {
-        s.name.lower(): states.count(s)
-        for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
-    }
-
-
 def run_study(
     cfg: StudyConfig,
     *,
@@ -163,7 +153,7 @@ def run_study(
     ctx = TrialContext(
         cfg, split, mlflow, exp_id, parent, reports, prov, show_epochs=progress and cfg.training.epochs >= 20
     )
-    done = sum(counts(study)[k] for k in ("complete", "pruned"))
+    done = trial_counts(study).finished
     remaining = max(0, cfg.trials - done)
     bar = progress_bar(remaining, cfg.name, progress)
 
@@ -174,7 +164,7 @@ def run_study(
         bar.update(1)
         if worker is not None:
             workers.print_err(workers.trial_line(trial, worker))
-            last["page"] = sum(counts(study)[k] for k in ("complete", "pruned")) >= cfg.trials
+            last["page"] = trial_counts(study).finished >= cfg.trials
 
     status = "FAILED"
     try:
@@ -203,13 +193,13 @@ def run_study(
     page = None
     if not create_only and last["page"]:  # the study page; if it fails it warns, the trials stay
         page = write_after_study(cfg, study, mlflow, parent, reports, spec)
-    c = counts(study)
+    c = trial_counts(study)
     best = _best(study)
     return StudyOutcome(
         cfg.name,
-        c["complete"],
-        c["pruned"],
-        c["fail"],
+        c.complete,
+        c.pruned,
+        c.fail,
         best.number if best else None,
         best.value if best else None,
         reports,
@@ -233,8 +223,8 @@ def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 
 def _finish_parent(mlflow, parent: str, study: optuna.Study, status: str) -> None:
-    c = counts(study)
-    metrics: dict[str, float] = {"n_complete": c["complete"], "n_pruned": c["pruned"], "n_failed": c["fail"]}
+    c = trial_counts(study)
+    metrics: dict[str, float] = {"n_complete": c.complete, "n_pruned": c.pruned, "n_failed": c.fail}
     best = _best(study)
     if best is not None:
         metrics["best_val_acc"] = best.user_attrs.get("val_acc", best.value)
