@@ -20,7 +20,7 @@ from pipeline.model import build_mlp
 from pipeline.stacked import plan_groups, train_population
 from pipeline.storage import open_storage
 from pipeline.study.run import run_study
-from pipeline.train import Hyper, train
+from pipeline.train import Hyper, train, trial_setup
 
 
 def study_overhead(cfg, workdir: Path) -> dict[str, Any]:
@@ -50,14 +50,10 @@ def study_overhead(cfg, workdir: Path) -> dict[str, Any]:
     split = load_split(cfg.dataset)
     bare = 0.0
     for trial in trials:  # again without Optuna, MLflow or reports; best of two
-        p = trial.params
-        hidden = (p["hidden"],) if "hidden" in p else cfg.model.hidden
-        hyper = Hyper(p["lr"], p["momentum"], p["weight_decay"])
+        shape, hyper = trial_setup(cfg.model, trial.params)
         times = []
         for _ in range(2):
-            model = build_mlp(
-                split.input_dim, hidden, p.get("activation", cfg.model.activation), cfg.training.seed
-            )
+            model = build_mlp(split.input_dim, shape.hidden, shape.activation, cfg.training.seed)
             start = time.perf_counter()
             train(model, split, hyper, cfg.training)
             times.append(time.perf_counter() - start)

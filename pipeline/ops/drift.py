@@ -15,7 +15,7 @@ from pipeline.data import Split
 from pipeline.evaluate import evaluate
 from pipeline.model import build_mlp
 from pipeline.report.reruns import RerunError, params_text
-from pipeline.train import DTYPES, Hyper, train
+from pipeline.train import DTYPES, train, trial_setup
 
 _EPS = 1e-12  # float slack when testing whether a mean lies inside a recorded interval
 
@@ -46,14 +46,11 @@ def rerun_trials(cfg: StudyConfig, override: int | None = None) -> int:
 def retrain(cfg: StudyConfig, split: Split, params: Mapping[str, Any], seed: int) -> SeedResult:
     """Train the trial's params from scratch with training seed ``seed``, then test the model.
 
-    The model follows the trial's own (``study.begin_trial``): a searched ``hidden`` is one layer
-    of that width, a searched ``activation`` replaces the file's.
+    The model follows the trial's own (``pipeline.train.trial_setup``).
     """
-    hidden = (params["hidden"],) if "hidden" in params else cfg.model.hidden
-    activation = params.get("activation", cfg.model.activation)
+    shape, hyper = trial_setup(cfg.model, params)
     training = dataclasses.replace(cfg.training, seed=seed)
-    model = build_mlp(split.input_dim, hidden, activation, seed, dtype=DTYPES[training.dtype])
-    hyper = Hyper(params["lr"], params["momentum"], params["weight_decay"])
+    model = build_mlp(split.input_dim, shape.hidden, shape.activation, seed, dtype=DTYPES[training.dtype])
     result = train(model, split, hyper, training)
     val = evaluate(model, split.x_val, split.y_val, split.classes, training.loss)
     test = evaluate(model, split.x_test, split.y_test, split.classes, training.loss)

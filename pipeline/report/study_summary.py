@@ -27,6 +27,7 @@ from pipeline.compare import (
     union_hoeffding_epsilon,
 )
 from pipeline.config import StudyConfig
+from pipeline.storage import trial_counts
 
 STATE_NAMES = {
     TrialState.COMPLETE: "complete",
@@ -218,7 +219,14 @@ def summarize_study(study: optuna.Study, cfg: StudyConfig, outputs: dict[int, Tr
     confidence = cfg.bounds.confidence
     delta = 1 - confidence
     trials = study.get_trials(deepcopy=False)
-    counts = {name: sum(trial_state(t) == name for t in trials) for name in STATE_NAMES.values()}
+    c = trial_counts(study)
+    counts = {
+        "complete": c.complete,
+        "pruned": c.pruned,
+        "failed": c.fail,
+        "running": c.running,
+        "waiting": c.waiting,
+    }
     ranked = ranked_trials(study)
     n_tested = sum("test_error" in t.user_attrs for t in trials)
     notes: list[str] = []

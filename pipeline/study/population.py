@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from pipeline import tracking
 from pipeline.signals import Terminated, signal_in, stop_reason
 from pipeline.stacked import train_population
-from pipeline.storage import AllocationLock, Retry, StudyError, write_error
+from pipeline.storage import AllocationLock, Retry, StudyError, trial_counts, write_error
 from pipeline.study import workers
 from pipeline.study.trial import begin_trial, build_model, epoch_callback, finish_trial
 
@@ -75,11 +75,8 @@ def optimize_population(
                     sweep()
                 lock.acquire()
                 try:
-                    states = [t.state for t in study.get_trials(deepcopy=False)]
-                    busy = sum(
-                        states.count(s) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-                    )
-                    size = min(ctx.cfg.training.population, total - busy)
+                    counted = trial_counts(study)
+                    size = min(ctx.cfg.training.population, total - counted.finished - counted.running)
                     if size <= 0:
                         return
                     trials = [study.ask() for _ in range(size)]

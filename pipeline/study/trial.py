@@ -30,7 +30,7 @@ from pipeline.evaluate import evaluate
 from pipeline.model import build_mlp
 from pipeline.report.trial import TrialArtifacts, bounds_and_report
 from pipeline.storage import StudyError
-from pipeline.train import DTYPES, EpochRecord, Hyper, TrainResult, train
+from pipeline.train import DTYPES, EpochRecord, Hyper, TrainResult, train, trial_setup
 
 
 def suggest(trial: optuna.Trial, cfg: StudyConfig) -> dict[str, Any]:
@@ -70,12 +70,7 @@ def begin_trial(trial: optuna.Trial, ctx: TrialContext) -> TrialPlan:
     """Suggest the trial's params and open its nested MLflow run with params and provenance."""
     cfg = ctx.cfg
     params = suggest(trial, cfg)
-    hyper = Hyper(params["lr"], params["momentum"], params["weight_decay"])
-    model_cfg = dataclasses.replace(
-        cfg.model,
-        hidden=(params["hidden"],) if "hidden" in params else cfg.model.hidden,
-        activation=params.get("activation", cfg.model.activation),
-    )
+    model_cfg, hyper = trial_setup(cfg.model, params)
     tags = {
         "optuna_trial": trial.number,
         "optuna_study": cfg.name,

@@ -31,7 +31,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.signals import signal_in, stop_reason
-from pipeline.storage import AllocationLock, Retry, StudyError, uses_heartbeat, write_error
+from pipeline.storage import AllocationLock, Retry, StudyError, trial_counts, uses_heartbeat, write_error
 
 POLL_SECONDS = 2.0  # how often an idle worker looks at trials other workers are running
 
@@ -192,12 +192,12 @@ def optimize(
                 sweep()
             lock.acquire()
             try:
-                by_state = _states(study)
-                finished = by_state[TrialState.COMPLETE] + by_state[TrialState.PRUNED]
+                counted = trial_counts(study)
+                finished = counted.finished
                 limit = min(total, _grid_size(study) or total)  # a grid has no more points to give
                 if finished >= limit:
                     return
-                if finished + by_state[TrialState.RUNNING] >= limit:
+                if finished + counted.running >= limit:
                     if not _worth_waiting(study, spec):
                         return
                     lock.release()
@@ -217,13 +217,6 @@ def optimize(
                 on_trial(_trial(study, mine["trial"]))
     finally:
         lock.close()
-
-
-def _states(study: optuna.Study) -> dict[TrialState, int]:
-    found = {state: 0 for state in TrialState}
-    for trial in study.get_trials(deepcopy=False):
-        found[trial.state] += 1
-    return found
 
 
 def _grid_size(study: optuna.Study) -> int | None:
