@@ -35,6 +35,7 @@ from pipeline.bench.studies import (
     lr_search_members,
     population_speed,
     pruning_saving,
+    startup_seconds,
 )
 
 
@@ -102,6 +103,8 @@ def run_bench(
         result.extras[key] = population_speed(
             capacity, members, epochs=100 if quick else None, repeats=1 if quick else 3
         )
+    log("start-up of each command (fresh interpreters) ...")
+    result.extras["startup"] = startup_seconds(repeats=1 if quick else 3)
     log("study overhead (Optuna + MLflow + reports vs bare training) ...")
     result.extras["study_overhead"] = _overhead(fashion is not None, quick)
     if pruning:
@@ -199,6 +202,12 @@ def format_report(result: BenchResult) -> str:
             f"{s['overhead_s_per_trial']:.2f} s per trial. The same trials trained again bare (best of "
             f"2): {s['bare_training_s']:.1f} s ({s['overhead_vs_bare_pct']:.0f} % overhead against that). "
             f"The study's first call (1 trial; MLflow creates its store) took {s['first_call_s']:.1f} s.",
+        ]
+    if "startup" in x:
+        out += ["", "## Start-up (s, fresh interpreter; min / median / max)", ""]
+        out += [
+            f"- {name}: {t['min']:.2f} / {t['median']:.2f} / {t['max']:.2f}"
+            for name, t in x["startup"].items()
         ]
     if "pruning" in x:
         p = x["pruning"]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -203,3 +206,31 @@ def _overhead(fashion: bool, quick: bool) -> dict[str, Any]:
     raw["sampler"] = {"kind": "random"}
     with tempfile.TemporaryDirectory(prefix="bench-study-") as tmp:
         return study_overhead(parse_study(raw, "<bench>"), Path(tmp))
+
+
+# what each command imports before its first useful step: the light ones run whole, the heavy ones
+# are timed as the import of the module they run (their work is a study, not start-up)
+STARTUP = (
+    ("pipeline --help", ["-m", "pipeline", "--help"]),
+    ("pipeline check studies/demo.toml", ["-m", "pipeline", "check", "studies/demo.toml"]),
+    ("pipeline schedule --list", ["-m", "pipeline", "schedule", "--list"]),
+    ("import for study / worker", ["-c", "import pipeline.study.run"]),
+    ("import for report", ["-c", "import pipeline.report.study_page"]),
+    ("import for rerun", ["-c", "import pipeline.ops.rerun"]),
+)
+
+
+def startup_seconds(repeats: int = 3, python: str = sys.executable) -> dict[str, dict[str, float]]:
+    """Wall seconds of each command's start-up in a fresh interpreter: min / median / max of repeats.
+
+    The commands run interleaved (one of each per repeat), so a change of load hits all alike.
+    ``schedule --list`` reads a stand-in crontab (``true``) so that it never touches the user's.
+    """
+    env = {**os.environ, "PIPELINE_CRONTAB": "true"}
+    times: dict[str, list[float]] = {name: [] for name, _ in STARTUP}
+    for _ in range(repeats):
+        for name, argv in STARTUP:
+            start = time.perf_counter()
+            subprocess.run([python, *argv], env=env, capture_output=True, check=False)
+            times[name].append(time.perf_counter() - start)
+    return {name: {"min": min(t), "median": statistics.median(t), "max": max(t)} for name, t in times.items()}
