@@ -7,6 +7,7 @@ import optuna
 import pytest
 
 from pipeline.config import parse_study
+from pipeline.study.run import run_study
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -40,14 +41,30 @@ def tiny_study(**changes):
     return parse_study(with_changes(TINY, **changes), "studies/tiny.toml")
 
 
+class Workspace(dict):
+    """``storage``, ``tracking_uri``, ``reports_root`` and ``root`` of a study's files, and a way to run
+    a study in them."""
+
+    def run(self, cfg, **overrides):
+        """``run_study`` with this workspace's storage, tracking store and reports, no progress bars."""
+        (self["root"] / "mlruns").mkdir(exist_ok=True)
+        kw = {
+            "storage": self["storage"],
+            "tracking_uri": self["tracking_uri"],
+            "reports_root": self["reports_root"],
+            "progress": False,
+        }
+        return run_study(cfg, **{**kw, **overrides})
+
+
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     """Storage, tracking store and reports under tmp_path; the environment cannot redirect them."""
     monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return {
-        "storage": str(tmp_path / "storage" / "study.journal"),
-        "tracking_uri": f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
-        "reports_root": tmp_path / "reports",
-        "root": tmp_path,
-    }
+    return Workspace(
+        storage=str(tmp_path / "storage" / "study.journal"),
+        tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
+        reports_root=tmp_path / "reports",
+        root=tmp_path,
+    )

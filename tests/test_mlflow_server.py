@@ -19,7 +19,6 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.storage import open_storage
-from pipeline.study.run import run_study
 from tests.conftest import tiny_study
 
 STARTUP_TIMEOUT = 120  # seconds for the server to answer /health (about 15 s on a busy 2-core machine)
@@ -42,15 +41,8 @@ def server(workspace, monkeypatch):
     monkeypatch.setattr(
         "pipeline.report.trial.TRUE_ERROR_SAMPLE", 100_000
     )  # the true error is not checked here
-    (workspace["root"] / "mlruns").mkdir()
     cfg = tiny_study(trials=2)
-    run_study(
-        cfg,
-        storage=workspace["storage"],
-        tracking_uri=workspace["tracking_uri"],
-        reports_root=workspace["reports_root"],
-        progress=False,
-    )
+    workspace.run(cfg)
     port = _free_port()
     log = open(workspace["root"] / "server.log", "w")  # noqa: SIM115  (closed in the finally below)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", workspace["tracking_uri"]]

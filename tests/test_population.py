@@ -18,7 +18,6 @@ from pipeline.data import load_split
 from pipeline.model import build_mlp
 from pipeline.stacked import plan_groups, train_population
 from pipeline.storage import open_storage
-from pipeline.study.run import run_study
 from pipeline.train import Hyper, train
 from tests.conftest import tiny_study
 
@@ -173,15 +172,7 @@ def test_bf16_precision_is_autocast_of_the_forward_pass(split):
 
 
 def _run(cfg, ws, **kw):
-    (ws["root"] / "mlruns").mkdir(exist_ok=True)
-    return run_study(
-        cfg,
-        storage=str(ws["root"] / "storage" / f"{cfg.name}.journal"),
-        tracking_uri=ws["tracking_uri"],
-        reports_root=ws["reports_root"],
-        progress=False,
-        **kw,
-    )
+    return ws.run(cfg, storage=str(ws["root"] / "storage" / f"{cfg.name}.journal"), **kw)
 
 
 def _trials(ws, name):

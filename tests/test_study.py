@@ -11,20 +11,11 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.storage import StudyError, open_storage, storage_spec
-from pipeline.study.run import run_study
 from tests.conftest import tiny_study
 
 
 def _run(cfg, ws, **kw):
-    (ws["root"] / "mlruns").mkdir(exist_ok=True)
-    return run_study(
-        cfg,
-        storage=ws["storage"],
-        tracking_uri=ws["tracking_uri"],
-        reports_root=ws["reports_root"],
-        progress=False,
-        **kw,
-    )
+    return ws.run(cfg, **kw)
 
 
 def _study(ws, name="tiny"):
