@@ -16,7 +16,6 @@ import errno
 import fcntl
 import hashlib
 import os
-import re
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from sqlalchemy.engine import make_url
 
 from pipeline.config import StudyConfig
 from pipeline.errors import UsageError
+from pipeline.urls import redact
 
 DEFAULT_STORAGE_DIR = Path("storage")
 HEARTBEAT_ENV = "PIPELINE_HEARTBEAT_SECONDS"  # heartbeat interval on database storages
@@ -108,23 +108,6 @@ def open_storage(spec: str) -> optuna.storages.BaseStorage:
     except OSError as exc:
         raise StudyError(f"cannot open Optuna journal {path}: {exc}") from None
     return optuna.storages.journal.JournalStorage(backend)
-
-
-def redact(url: str) -> str:
-    """A database URL with its password (in the user part or a ``password=`` query) replaced."""
-    if "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    # the user:password@host part ends at the first / ? or # after the last @ (a password may hold
-    # an unencoded @; one holding an unencoded / ? or # is masked up to the last @)
-    cut = rest.rfind("@") + 1
-    end = min([i for i in (rest.find(c, cut) for c in "/?#") if i >= 0] or [len(rest)])
-    authority, tail = rest[:end], rest[end:]
-    creds, at, host = authority.rpartition("@")
-    if at and ":" in creds:
-        authority = f"{creds.split(':', 1)[0]}:***@{host}"
-    tail = re.sub(r"(?i)([?&;]password=)[^&;#]*", r"\1***", tail)
-    return f"{scheme}://{authority}{tail}"
 
 
 def scrub(text: str, url: str) -> str:

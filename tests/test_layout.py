@@ -18,7 +18,7 @@ MAX_LINES = 600
 
 # floors, bottom up: an import may point to its own floor or below, never up
 FLOORS = [
-    {"pipeline", "pipeline.files", "pipeline.seeds", "pipeline.errors"},
+    {"pipeline", "pipeline.files", "pipeline.seeds", "pipeline.errors", "pipeline.urls"},
     {
         "pipeline.config",
         "pipeline.data",

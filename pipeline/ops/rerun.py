@@ -58,7 +58,7 @@ from pipeline.report.reruns import (
 )
 from pipeline.report.study_page import regenerate
 from pipeline.signals import signal_in, stop_on_signals
-from pipeline.storage import StudyError, open_storage, storage_spec
+from pipeline.storage import StudyError, open_storage, redact, storage_spec
 from pipeline.study.run import run_study
 
 EXIT_OK = 0  # ran; no drift (or the first rerun: nothing to compare with)
@@ -147,7 +147,9 @@ def _rerun(cfg, folder, storage, tracking_uri, reports_root, trials, progress, n
     history = load_history(history_path)  # a corrupt history stops the rerun before any work
     target = rerun_trials(cfg, trials)
     spec = storage_spec(cfg, storage)
-    log.info("rerun of %s (%s) started: trial target %d, storage %s", cfg.name, cfg.path, target, spec)
+    log.info(
+        "rerun of %s (%s) started: trial target %d, storage %s", cfg.name, cfg.path, target, redact(spec)
+    )
     before = _n_trials(spec, cfg.name)
 
     # (1) continue the study; finished trials are kept, unfinished ones resumed

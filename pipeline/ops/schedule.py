@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pipeline import files
 from pipeline.config import StudyConfig
+from pipeline.urls import redact
 
 MARKER = "pipeline-rerun"
 CRONTAB_ENV = "PIPELINE_CRONTAB"
@@ -211,17 +212,23 @@ def _calendar_days(days: frozenset[int]) -> str:
     return ",".join(names)
 
 
-def systemd_units(name: str, command: list[str], project_dir: Path, calendar: str) -> dict[str, str]:
-    """A oneshot ``.service`` running the rerun and the ``.timer`` that starts it, by file name."""
+def systemd_units(
+    name: str, command: list[str], project_dir: Path, calendar: str, env_file: Path | None = None
+) -> dict[str, str]:
+    """A oneshot ``.service`` running the rerun and the ``.timer`` that starts it, by file name.
+
+    ``env_file``: the 0600 file holding the URLs with passwords (``EnvironmentFile=``).
+    """
     unit = f"{MARKER}-{name}"
     exec_start = " ".join(_systemd_quote(w) for w in command)
+    environment = f"EnvironmentFile={_systemd_quote(str(env_file))}\n" if env_file is not None else ""
     service = f"""[Unit]
 Description=Rerun of study {name} (pipeline rerun; exit 3 = drift, see reports/{name}/rerun.log)
 
 [Service]
 Type=oneshot
 WorkingDirectory={_systemd_quote(str(project_dir))}
-ExecStart={exec_start}
+{environment}ExecStart={exec_start}
 # 4 = another rerun of this study holds its lock: skipped, not failed
 SuccessExitStatus=4
 Nice=10
@@ -252,6 +259,27 @@ def _systemd_quote(word: str) -> str:
 # The rerun command a schedule runs
 
 
+ENV_VARS = {"storage": "OPTUNA_STORAGE", "tracking_uri": "MLFLOW_TRACKING_URI"}
+
+
+def secret_options(options: dict[str, object]) -> dict[str, str]:
+    """The URL options that carry a password, as the environment variables that replace them."""
+    return {
+        ENV_VARS[key]: str(value)
+        for key, value in options.items()
+        if key in ENV_VARS and value is not None and redact(str(value)) != str(value)
+    }
+
+
+def write_env_file(path: Path, values: dict[str, str]) -> Path:
+    """``KEY='value'`` lines, readable by the owner only (0600): what cron and systemd load."""
+    for key, value in values.items():
+        if "\n" in value or "'" in value:
+            raise ScheduleError(f"{key}: a URL with a newline or a quote cannot go into {path}; encode it")
+    text = "".join(f"{key}='{value}'\n" for key, value in values.items())
+    return files.write_text(path, text, mode=0o600)
+
+
 def rerun_command(study_file: Path, options: dict[str, object]) -> list[str]:
     """The venv's ``pipeline rerun STUDY.toml`` with the given command-line options."""
     exe = Path(sys.executable).absolute()  # not resolved: a venv's python is a symlink
@@ -264,11 +292,17 @@ def rerun_command(study_file: Path, options: dict[str, object]) -> list[str]:
     return command
 
 
-def cron_line(schedule: CronSchedule, name: str, command: list[str], project_dir: Path) -> str:
-    """One crontab line: cd into the project, run the rerun, append its output to cron.log."""
+def cron_line(
+    schedule: CronSchedule, name: str, command: list[str], project_dir: Path, env_file: Path | None = None
+) -> str:
+    """One crontab line: cd into the project, run the rerun, append its output to cron.log.
+
+    ``env_file``: the 0600 file holding the URLs with passwords, read into the environment first.
+    """
     folder = Path("reports") / name
+    load = f"set -a && . {shlex.quote(str(env_file))} && set +a && " if env_file is not None else ""
     shell = (
-        f"cd {shlex.quote(str(project_dir))} && mkdir -p {shlex.quote(str(folder))} && "
+        f"cd {shlex.quote(str(project_dir))} && mkdir -p {shlex.quote(str(folder))} && {load}"
         f"{shlex.join(command)} >> {shlex.quote(str(folder / CRON_LOG))} 2>&1"
     )
     shell = shell.replace("%", "\\%")  # cron turns an unescaped % into a newline
@@ -425,6 +459,12 @@ def _schedule(args: argparse.Namespace, cfg: StudyConfig | None) -> int:
         "storage": args.storage,
         "tracking_uri": args.tracking_uri,
     }
+    secrets = secret_options(options)  # never on a command line, in the crontab or in a unit file
+    env_file = None
+    if secrets:
+        env_file = write_env_file(project / "storage" / f"{cfg.name}.schedule.env", secrets)
+        options = {k: v for k, v in options.items() if ENV_VARS.get(k) not in secrets}
+        print(f"wrote {env_file} (mode 0600): {', '.join(secrets)} for the scheduled rerun", file=sys.stderr)
     command = rerun_command(args.study_file, options)  # relative to the project
     for var, given in (("OPTUNA_STORAGE", args.storage), ("MLFLOW_TRACKING_URI", args.tracking_uri)):
         if os.environ.get(var) and not given:
@@ -437,7 +477,7 @@ def _schedule(args: argparse.Namespace, cfg: StudyConfig | None) -> int:
         if (args.cron is None) == (args.on_calendar is None):
             raise ScheduleError("with --systemd give exactly one of --cron EXPR or --on-calendar SPEC")
         calendar = args.on_calendar if args.cron is None else on_calendar(args.cron)
-        units = systemd_units(cfg.name, command, project, calendar)
+        units = systemd_units(cfg.name, command, project, calendar, env_file)
         if args.unit_dir:
             args.unit_dir.mkdir(parents=True, exist_ok=True)
             for fname, body in units.items():
@@ -451,7 +491,7 @@ def _schedule(args: argparse.Namespace, cfg: StudyConfig | None) -> int:
         return 0
     if args.cron is None:
         raise ScheduleError("give --cron EXPR (e.g. --cron '0 3 * * *'), or --list / --remove / --systemd")
-    line = cron_line(parse_cron(args.cron), cfg.name, command, project)
+    line = cron_line(parse_cron(args.cron), cfg.name, command, project, env_file)
     status = install(line, cfg.name)
     print(f"{status}: {line}")
     return 0
