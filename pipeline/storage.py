@@ -16,6 +16,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
+from pipeline import journal
 from pipeline.config import StudyConfig
 from pipeline.errors import UsageError
 from pipeline.urls import redact
@@ -102,6 +104,9 @@ def open_storage(spec: str) -> optuna.storages.BaseStorage:
     path = Path(spec)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        fixed = journal.repair(path)  # a write cut short by a full disk: drop the torn record
+        if fixed is not None:
+            print(fixed.line(), file=sys.stderr, flush=True)
         # an absolute path: Optuna's lock is a symlink to the journal, and a relative target dangles,
         # which turns its wait for a busy lock into a busy loop (no back-off, no stale-lock release)
         backend = optuna.storages.journal.JournalFileBackend(str(path.resolve()))

@@ -31,7 +31,7 @@ FLOORS = [
         "pipeline.gradcheck",
         "pipeline.stacked",
     },
-    {"pipeline.storage", "pipeline.tracking", "pipeline.signals", "pipeline.compare"},
+    {"pipeline.storage", "pipeline.journal", "pipeline.tracking", "pipeline.signals", "pipeline.compare"},
     {"pipeline.report"},
     {"pipeline.study"},
     {"pipeline.ops", "pipeline.bench"},

@@ -58,6 +58,7 @@ def optimize_population(
     spec: str,
     sweep: Callable[[], Any] | None = None,
     on_trial: Callable[[Any], None] | None = None,
+    before_trial: Callable[[], None] | None = None,
 ) -> None:
     """Run trials ``training.population`` at a time until the study holds ``total`` finished ones.
 
@@ -73,6 +74,8 @@ def optimize_population(
             while not study._stop_flag:
                 if sweep is not None:
                     sweep()
+                if before_trial is not None:
+                    before_trial()
                 lock.acquire()
                 try:
                     counted = trial_counts(study)

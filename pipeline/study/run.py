@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from pipeline import tracking
 from pipeline.config import StudyConfig
 from pipeline.data import load_split
+from pipeline.journal import check_free_space
 from pipeline.report.study_page import write_after_study
 from pipeline.seeds import derive_seed
 from pipeline.storage import StudyError, open_storage, preflight, redact, storage_spec, trial_counts
@@ -166,6 +167,15 @@ def run_study(
             workers.print_err(workers.trial_line(trial, worker))
             last["page"] = trial_counts(study).finished >= cfg.trials
 
+    # every folder a trial writes to: the journal's, the MLflow store's, the reports
+    outputs = [reports] + ([Path(spec).parent] if "://" not in spec else [])
+    uri = tracking.tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///"):
+        outputs.append(Path(uri.removeprefix("sqlite:///")).parent)
+
+    def space() -> None:
+        check_free_space(outputs, f"study {cfg.name}")
+
     status = "FAILED"
     try:
         if not create_only and cfg.training.population > 1:  # K trials at once, one batched computation
@@ -176,6 +186,7 @@ def run_study(
                 spec=spec,
                 sweep=lambda: workers.sweep(study, spec, mlflow, exp_id),
                 on_trial=on_trial,
+                before_trial=space,
             )
         elif not create_only:  # exactly cfg.trials in total, across workers, restarts and dead workers
             workers.optimize(
@@ -185,6 +196,7 @@ def run_study(
                 spec=spec,
                 sweep=lambda: workers.sweep(study, spec, mlflow, exp_id),
                 on_trial=on_trial,
+                before_trial=space,
             )
         status = "FINISHED"
     finally:

@@ -158,6 +158,7 @@ def optimize(
     sweep: Callable[[], Any] | None = None,
     on_trial: Callable[[FrozenTrial], None] | None = None,
     poll: float = POLL_SECONDS,
+    before_trial: Callable[[], None] | None = None,
 ) -> None:
     """Run trials until the study holds ``total`` complete-or-pruned trials, with other workers.
 
@@ -190,6 +191,8 @@ def optimize(
             mine.clear()
             if sweep is not None:
                 sweep()
+            if before_trial is not None:  # e.g. the free-space check: stop before, not during
+                before_trial()
             lock.acquire()
             try:
                 counted = trial_counts(study)
