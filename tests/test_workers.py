@@ -300,3 +300,44 @@ def test_a_worker_id_tells_live_dead_reused_and_foreign_processes_apart():
     host, pid, ticks = me.rsplit(":", 2)
     assert process_alive(f"{host}:{pid}:{int(ticks) + 1}") is False  # same pid, another process
     assert process_alive(f"elsewhere.example:{pid}:{ticks}") is None  # another host: cannot tell
+
+
+@pytest.mark.reliability
+def test_ctrl_c_to_make_workers_leaves_no_worker_and_requeues_their_trials(tmp_path):
+    """SIGINT to the process group of ``make workers`` (what Ctrl-C in a terminal sends)."""
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("Makefile", "pyproject.toml", ".venv"):  # the project's Makefile, run in tmp_path
+        (tmp_path / name).symlink_to(repo / name)
+    spec = str(tmp_path / "storage" / "tiny.journal")
+    write_study(tmp_path, trials=4, training__epochs=5000)
+    env = worker_env(tmp_path, spec, PYTHONPATH=str(repo))
+    make = subprocess.Popen(
+        ["make", "workers", "STUDY=study.toml", "N=2"],
+        cwd=tmp_path,
+        env=env,
+        stdout=open(tmp_path / "make.log", "w"),  # noqa: SIM115 - the child holds it
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    storage = open_storage(spec)
+
+    def both_running() -> bool:
+        study = load(spec, storage=storage)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if study else []
+        return len(running) == 2 and all(len(t.intermediate_values) >= 2 for t in running)
+
+    wait_for("two workers mid-trial", both_running, [(make, tmp_path / "make.log")])
+    workers = [int(t.user_attrs["worker"].split(":")[1]) for t in load(spec, storage=storage).trials]
+    os.killpg(make.pid, signal.SIGINT)
+    make.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(process_alive(f"{worker_id(pid)}") for pid in workers):
+        time.sleep(0.5)
+    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists() and process_alive(worker_id(pid))]
+    assert alive == [], (tmp_path / "make.log").read_text()
+    trials = load(spec, storage=storage).trials
+    assert sorted(t.state for t in trials[:2]) == [TrialState.FAIL, TrialState.FAIL]
+    queued = [t for t in trials[2:] if t.state == TrialState.WAITING]
+    assert sorted(t.params["lr"] for t in queued) == sorted(t.params["lr"] for t in trials[:2])
+    assert all(t.user_attrs["reason"] in ("stopped by Ctrl-C", "stopped by SIGTERM") for t in trials[:2])
