@@ -252,10 +252,15 @@ def write_error(exc: OSError, doing: str, then: str = RESUME) -> str:
 
 
 def check_writable(folder: Path, what: str, how: str) -> None:
-    """Create ``folder`` and write, sync and delete a probe file in it, or raise StudyError."""
+    """Write, sync and delete a probe file in ``folder`` (or the nearest folder above it that
+    exists, where it will be created), or raise StudyError. Creates nothing."""
+    probe_dir = folder
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder, prefix=".write-probe-") as probe:
+        if not probe_dir.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(probe_dir))
+        with tempfile.TemporaryFile(dir=probe_dir, prefix=".write-probe-") as probe:
             probe.write(b"x")
             probe.flush()
             os.fsync(probe.fileno())
@@ -275,6 +280,11 @@ def preflight(name: str, spec: str, tracking_uri: str, reports_root: Path) -> Pa
         inside(DEFAULT_STORAGE_DIR, f"{name}.journal")
     check_writable(reports_root, "reports folder", "reports/ of the current folder")
     if "://" not in spec:
+        if Path(spec).is_dir():
+            raise StudyError(
+                f"Optuna storage {spec} is a folder; give a journal file (e.g. {Path(spec) / name}.journal) "
+                "or a database URL (--storage or $OPTUNA_STORAGE)"
+            )
         check_writable(Path(spec).parent, "Optuna journal folder", "--storage or $OPTUNA_STORAGE")
     if tracking_uri.startswith("sqlite:///"):
         check_writable(

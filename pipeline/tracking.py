@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import time
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,19 @@ from typing import Any
 import mlflow
 import numpy
 import optuna
+import requests
 import sklearn
+import sqlalchemy
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from sqlalchemy.engine import make_url
 
 import pipeline
+from pipeline.errors import UsageError
+from pipeline.urls import redact
 
 DEFAULT_TRACKING_DIR = Path("mlruns")
 STUDY_ROLE = "study"
@@ -33,16 +40,72 @@ TRIAL_ROLE = "trial"
 
 
 def tracking_uri(explicit: str | None = None) -> str:
-    """``explicit``, else $MLFLOW_TRACKING_URI, else a SQLite store in ./mlruns (created)."""
+    """``explicit``, else $MLFLOW_TRACKING_URI, else a SQLite store in ./mlruns (created on first use)."""
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    DEFAULT_TRACKING_DIR.mkdir(exist_ok=True)
     return f"sqlite:///{(DEFAULT_TRACKING_DIR / 'mlflow.db').resolve()}"
 
 
 def client(uri: str | None = None) -> MlflowClient:
-    return MlflowClient(tracking_uri(uri))
+    uri = tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(uri)
+
+
+def store_error(exc: BaseException) -> str | None:
+    """One line describing ``exc`` when it is the tracking store failing (full, gone, refusing)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (MlflowException, sqlalchemy.exc.SQLAlchemyError, requests.RequestException)):
+            text = str(getattr(exc, "orig", None) or exc).strip().split("\n")[0]
+            return f"the MLflow tracking store failed: {type(exc).__name__}: {text[:300]}"
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class TrackingUnreachable(UsageError):
+    """The MLflow tracking store does not answer; nothing was run."""
+
+
+REACH_TIMEOUT = 5  # seconds for the pre-study check that the tracking store answers
+
+
+def check_reachable(uri: str) -> None:
+    """A cheap call with a short timeout to a tracking server or database, before anything is written.
+
+    SQLite and file stores are local (their folders are checked for writing instead).
+    """
+    shown = redact(uri)
+    fix = "start it or fix --tracking-uri / $MLFLOW_TRACKING_URI; nothing was run"
+    if uri.startswith(("http://", "https://")):
+        try:
+            health = f"{uri.rstrip('/')}/health"  # http(s) only: checked above
+            with urllib.request.urlopen(health, timeout=REACH_TIMEOUT) as answer:  # noqa: S310
+                answer.read(64)
+        except (OSError, ValueError) as exc:  # URLError, timeouts and refused connections are OSErrors
+            reason = getattr(exc, "reason", exc)
+            raise TrackingUnreachable(
+                f"MLflow tracking server {shown} does not answer ({reason}); {fix}"
+            ) from None
+    elif "://" in uri and not uri.startswith(("sqlite", "file:", "databricks")):
+        connect_args = {"connect_timeout": REACH_TIMEOUT} if uri.startswith("postgresql") else {}
+        try:
+            engine = sqlalchemy.create_engine(
+                uri, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool
+            )
+            with engine.connect():
+                pass
+            engine.dispose()
+        except Exception as exc:  # a driver error: its first line, without the password
+            first = (
+                str(getattr(exc, "orig", exc)).split("\n")[0].replace(make_url(uri).password or "\0", "***")
+            )
+            raise TrackingUnreachable(
+                f"MLflow tracking database {shown} is unreachable ({first}); {fix}"
+            ) from None
 
 
 def artifact_location(uri: str, name: str) -> str | None:

@@ -125,6 +125,7 @@ def run_study(
         progress = sys.stderr.isatty() and worker is None
     spec = storage_spec(cfg, storage)
     reports = preflight(cfg.name, spec, tracking.tracking_uri(tracking_uri), reports_root)
+    tracking.check_reachable(tracking.tracking_uri(tracking_uri))  # before the Optuna storage exists
     split = load_split(cfg.dataset)  # data errors stop the study before anything is written
     study = open_study(cfg, spec, worker or 0)
     if cfg.gradcheck.enabled:
@@ -201,7 +202,13 @@ def run_study(
         status = "FINISHED"
     finally:
         bar.close()
-        _finish_parent(mlflow, parent, study, status)
+        try:
+            _finish_parent(mlflow, parent, study, status)
+        except Exception as exc:  # the store failed too: the error already on its way is the one to show
+            if status == "FINISHED":
+                raise
+            reason = tracking.store_error(exc) or f"{type(exc).__name__}: {exc}"
+            print(f"warning: the study's MLflow parent run was not closed ({reason[:200]})", file=sys.stderr)
     page = None
     if not create_only and last["page"]:  # the study page; if it fails it warns, the trials stay
         page = write_after_study(cfg, study, mlflow, parent, reports, spec)

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import math
 import pickle
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -182,12 +183,16 @@ def finish_trial(
     }
     # val_acc / val_loss are already logged per epoch; the last epoch's value is the final one
     logged = {k: v for k, v in final.items() if k not in ("val_acc", "val_loss")}
-    tracking.log(
-        ctx.mlflow, run_id, metrics=logged, tags={"trial_state": "COMPLETE"}, step=len(result.history)
-    )
-    for path in artifacts.files:
-        ctx.mlflow.log_artifact(run_id, str(path))
-    _log_weights(ctx, run_id, model)
+    try:
+        tracking.log(
+            ctx.mlflow, run_id, metrics=logged, tags={"trial_state": "COMPLETE"}, step=len(result.history)
+        )
+        for path in artifacts.files:
+            ctx.mlflow.log_artifact(run_id, str(path))
+        _log_weights(ctx, run_id, model)
+    except BaseException:  # the trial fails: its report folder must not look like a complete trial's
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     for key in ("val_acc", "test_error", "test_acc", "epochs_run", "train_seconds"):
         trial.set_user_attr(key, final[key])
     for key, value in artifacts.metrics.items():

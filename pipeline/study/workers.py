@@ -30,8 +30,17 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from pipeline import tracking
 from pipeline.signals import signal_in, stop_reason
-from pipeline.storage import AllocationLock, Retry, StudyError, trial_counts, uses_heartbeat, write_error
+from pipeline.storage import (
+    RESUME,
+    AllocationLock,
+    Retry,
+    StudyError,
+    trial_counts,
+    uses_heartbeat,
+    write_error,
+)
 
 POLL_SECONDS = 2.0  # how often an idle worker looks at trials other workers are running
 
@@ -184,6 +193,9 @@ def optimize(
                 raise stop from None
             if isinstance(exc, OSError):
                 raise StudyError(write_error(exc, f"trial {trial.number}")) from exc
+            failed_store = tracking.store_error(exc)
+            if failed_store is not None:  # like a full disk: the trial is queued again, the study stops
+                raise StudyError(f"trial {trial.number}: {failed_store}. Fix the store, {RESUME}.") from exc
             raise
 
     try:

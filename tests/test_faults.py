@@ -1,0 +1,114 @@
+"""Faults found by adversarial testing: an unreachable or full tracking store, bad paths, data
+errors. Each ends as one line and exit 2 with nothing written, or (mid-trial) as a FAIL trial
+queued again with no report folder that looks complete. Oracles: the file system and Optuna's
+storage, on real parts (a dead port, a real tmpfs that fills, a real SQLite store)."""
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from pipeline import cli, journal, tracking
+from pipeline.storage import open_storage
+from tests.test_rerun import write_tiny_toml
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for var in ("OPTUNA_STORAGE", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    write_tiny_toml(tmp_path / "tiny.toml", trials=2)
+    return tmp_path
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listing(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("scheme", ["http", "postgresql+psycopg"])
+def test_an_unreachable_tracking_store_is_one_line_and_nothing_is_written(project, capsys, scheme):
+    port = _dead_port()
+    uri = f"http://127.0.0.1:{port}" if scheme == "http" else f"{scheme}://u:sekret@127.0.0.1:{port}/db"
+    before = _listing(project)
+    started = time.monotonic()
+    assert cli.main(["study", "tiny.toml", "--tracking-uri", uri]) == 2
+    assert time.monotonic() - started < 30  # not MLflow's minutes of retries
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nothing was run" in err and "Traceback" not in err
+    assert "sekret" not in err and f"127.0.0.1:{port}" in err
+    assert _listing(project) == before  # no storage/, mlruns/ or reports/
+
+
+def test_a_data_error_leaves_no_empty_folders(project, capsys):
+    write_tiny_toml(
+        project / "tiny.toml",
+        trials=1,
+        dataset={"source": "cifar2", "root": "no-data-here", "download": False},
+    )
+    before = _listing(project)
+    assert cli.main(["study", "tiny.toml"]) == 2
+    assert "cifar-10" in capsys.readouterr().err.lower()
+    assert _listing(project) == before
+
+
+def test_storage_given_as_a_folder_is_one_line(project, capsys):
+    (project / "a-folder").mkdir()
+    assert cli.main(["study", "tiny.toml", "--storage", "a-folder"]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder; give a journal file" in err and "Traceback" not in err
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mount = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_tracking_store_that_fills_mid_trial_fails_and_requeues_the_trial(
+    project, tmpfs, monkeypatch, capsys
+):
+    monkeypatch.setenv(journal.MIN_FREE_ENV, "0")  # let the store fill during a trial, not before it
+    uri = f"sqlite:///{tmpfs / 'mlflow.db'}"
+    real_log = tracking.log
+
+    def fill_then_log(mlflow, run_id, **kw):
+        if kw.get("tags", {}).get("trial_state") == "COMPLETE" and (project / "fill-now").exists():
+            with open(tmpfs / "filler", "wb") as filler, contextlib.suppress(OSError):
+                filler.write(b"\0" * (64 << 20))  # the disk is full from here on
+        return real_log(mlflow, run_id, **kw)
+
+    monkeypatch.setattr(tracking, "log", fill_then_log)
+    assert cli.main(["study", "tiny.toml", "--tracking-uri", uri, "--trials", "1"]) == 0
+    (project / "fill-now").touch()
+    assert cli.main(["study", "tiny.toml", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert "trial 1: " in err and "run the same command again" in err
+    trials = optuna.load_study(study_name="tiny", storage=open_storage("storage/tiny.journal")).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert trials[2].params == trials[1].params  # queued again: no parameters dropped
+    assert (project / "reports" / "tiny" / "trial-0000" / "report.html").is_file()
+    assert not (project / "reports" / "tiny" / "trial-0001").exists()  # no complete-looking folder
+    (tmpfs / "filler").unlink()
+    (project / "fill-now").unlink()
+    assert cli.main(["study", "tiny.toml", "--tracking-uri", uri]) == 0
+    trials = optuna.load_study(study_name="tiny", storage=open_storage("storage/tiny.journal")).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert shutil.disk_usage(tmpfs).free > 0
