@@ -136,6 +136,8 @@ def load_split(ds: DatasetConfig) -> Split:
         raise DataError(f"dataset.classes = {list(classes)}: give two different names from {list(known)}")
     ids = tuple(known.index(c) for c in classes)
     root = Path(ds.root)
+    if ds.source != "gmm" and root.exists() and not root.is_dir():
+        raise DataError(f"dataset.root = {ds.root!r} is a file, not a folder: give the folder the data is in")
     ground_truth = None
     if ds.source == "cifar2":
         folder = _cifar_folder(root, ds.download)

@@ -278,7 +278,7 @@ def preflight(name: str, spec: str, tracking_uri: str, reports_root: Path) -> Pa
     reports = inside(reports_root, name)
     if spec == str(DEFAULT_STORAGE_DIR / f"{name}.journal"):
         inside(DEFAULT_STORAGE_DIR, f"{name}.journal")
-    check_writable(reports_root, "reports folder", "reports/ of the current folder")
+    check_writable(reports, "reports folder", "reports/<study>/ of the current folder")
     if "://" not in spec:
         if Path(spec).is_dir():
             raise StudyError(
@@ -287,9 +287,8 @@ def preflight(name: str, spec: str, tracking_uri: str, reports_root: Path) -> Pa
             )
         check_writable(Path(spec).parent, "Optuna journal folder", "--storage or $OPTUNA_STORAGE")
     if tracking_uri.startswith("sqlite:///"):
-        check_writable(
-            Path(tracking_uri.removeprefix("sqlite:///")).parent,
-            "MLflow store folder",
-            "--tracking-uri or $MLFLOW_TRACKING_URI",
-        )
+        store = Path(tracking_uri.removeprefix("sqlite:///")).parent
+        how = "--tracking-uri or $MLFLOW_TRACKING_URI"
+        check_writable(store, "MLflow store folder", how)
+        check_writable(store / "artifacts" / name, "MLflow artifact folder", how)
     return reports

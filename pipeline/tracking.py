@@ -8,6 +8,7 @@ of a small trial's time.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import platform
 import subprocess
@@ -48,10 +49,22 @@ def tracking_uri(explicit: str | None = None) -> str:
 
 
 def client(uri: str | None = None) -> MlflowClient:
+    """A client on the store; a SQLite store is created (or migrated) under a file lock.
+
+    Two processes creating a fresh SQLite store at once race in MLflow's table creation
+    (``duplicate column name: step``): the lock makes the second wait for the first.
+    """
     uri = tracking_uri(uri)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(uri)
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(db.with_name(f"{db.name}.create.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return MlflowClient(uri)  # constructing it creates (or migrates) the tables
+    finally:
+        os.close(fd)
 
 
 def store_error(exc: BaseException) -> str | None:

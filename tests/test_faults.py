@@ -7,6 +7,7 @@ import contextlib
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 
@@ -112,3 +113,27 @@ def test_a_tracking_store_that_fills_mid_trial_fails_and_requeues_the_trial(
     trials = optuna.load_study(study_name="tiny", storage=open_storage("storage/tiny.journal")).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     assert shutil.disk_usage(tmpfs).free > 0
+
+
+def test_two_first_runs_create_one_tracking_store_without_a_race(tmp_path):
+    """Two processes creating a fresh SQLite store at the same instant (a barrier file starts both)."""
+    code = (
+        "import sys, time\nfrom pathlib import Path\nfrom pipeline import tracking\n"
+        "go = Path(sys.argv[2])\nwhile not go.exists():\n    time.sleep(0.001)\n"
+        "client = tracking.client(sys.argv[1])\n"
+        "print(tracking.experiment_id(client, 'tiny'))\n"
+    )
+    for attempt in range(3):
+        uri = f"sqlite:///{tmp_path / f'store{attempt}' / 'mlflow.db'}"
+        go = tmp_path / f"go{attempt}"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, uri, str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            for _ in range(2)
+        ]
+        time.sleep(3)  # both are waiting at the barrier, their imports done
+        go.touch()
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], [err.decode()[-2000:] for _, err in outs]
+        assert len({out.strip() for out, _ in outs}) == 1  # one experiment, whoever created it

@@ -266,6 +266,9 @@ def _fail_writes_under(root: Path, code: int, when=lambda path: True):
     ],
 )
 def test_an_unwritable_output_folder_stops_before_any_trial(env, tmp_path, folder, code, what):
+    # the folder exists and refuses writes (nothing is created before the checks, so a folder that
+    # does not exist yet is checked where it would be created: in the folder above it)
+    (tmp_path / folder).mkdir(exist_ok=True)
     with _fail_writes_under(tmp_path / folder, code), pytest.raises(StudyError) as caught:
         run_study(tiny_study(), progress=False)
     message = str(caught.value)
