@@ -51,10 +51,60 @@ DEFAULT_CLASSES = {"cifar2": ("airplane", "bird"), "fashion2": ("T-shirt/top", "
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]*")
 OBJECTIVES = {"val_acc": "maximize", "val_loss": "minimize"}
 SEARCHABLE = ("lr", "momentum", "weight_decay", "hidden", "activation")
+SEED_MAX = 2**32 - 1  # numpy's RandomState (Optuna's samplers) takes seeds below 2**32; one rule for all
 
 
 class ConfigError(UsageError, ValueError):
     """A study file that cannot be run as written; the message says where and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values one numeric key allows: ``low`` to ``high``, each end included unless marked open,
+    never NaN or infinite; ``why`` is the message's fix."""
+
+    low: float
+    high: float = math.inf
+    why: str = ""
+    open_low: bool = False
+    open_high: bool = False
+
+    def admits(self, value: float) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return math.isfinite(value) and above and below
+
+
+_SEED = Range(0, SEED_MAX, f"must be an integer in [0, {SEED_MAX}] (0 to 2**32 - 1)")
+_PROBABILITY = Range(0, 1, "must be strictly between 0 and 1", open_low=True, open_high=True)
+
+# Every numeric key of a study file (dotted, as written in it) and its range; search.<key> covers that
+# parameter's value, choices and low/high. A list (model.hidden) is checked item by item.
+RANGES: dict[str, Range] = {
+    "trials": Range(1, why="must be >= 1"),
+    "dataset.val_fraction": _PROBABILITY,
+    "dataset.seed": _SEED,
+    "dataset.n_train": Range(10, why="must be >= 10"),
+    "dataset.n_test": Range(10, why="must be >= 10"),
+    "model.hidden": Range(1, why="every width must be >= 1"),
+    "training.epochs": Range(1, why="must be >= 1"),
+    "training.batch_size": Range(0, why="must be >= 1, or 0 for full batch"),
+    "training.seed": _SEED,
+    "training.population": Range(1, why="must be >= 1 (1 = one trial at a time)"),
+    "search.lr": Range(0, why="must be > 0", open_low=True),
+    "search.momentum": Range(0, 1, "must be in [0, 1)", open_high=True),
+    "search.weight_decay": Range(0, why="must be >= 0"),
+    "search.hidden": Range(1, why="must be >= 1"),
+    "sampler.seed": _SEED,
+    "pruner.warmup_epochs": Range(0, why="must be >= 0 (0 = the median pruner may prune from epoch 1)"),
+    "bounds.confidence": _PROBABILITY,
+    "bounds.fresh_sets": Range(100, why="must be >= 100"),
+    "gradcheck.tolerance": Range(0, why="must be > 0, e.g. 1e-7", open_low=True),
+    "gradcheck.max_examples": Range(1, why="must be >= 1 (training examples the check uses)"),
+    "rerun.seeds": Range(2, why="must be >= 2 (a rerun reports the spread across seeds)"),
+    "rerun.first_seed": _SEED,
+    "rerun.trials": Range(0, why="must be >= 0"),
+}
 
 
 @dataclass(frozen=True)
@@ -269,6 +319,16 @@ def _check_positive(where: str, key: str, value: int) -> int:
     return value
 
 
+def _check_range(where: str, key: str, value: Any) -> None:
+    """Raise unless ``value`` (or every item of a tuple) lies in ``RANGES[key]``."""
+    allowed = RANGES[key]
+    for item in value if isinstance(value, tuple) else (value,):
+        if not allowed.admits(item):
+            why = allowed.why if math.isfinite(item) else f"not a finite number; {allowed.why}"
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ConfigError(f"{where}: {key} = {shown!r}: {why}")
+
+
 def _typed(where: str, key: str, value: Any, expected: Any) -> Any:
     """Check ``value`` against a field annotation; ints are accepted where floats are."""
     origin = typing.get_origin(expected)
@@ -336,6 +396,8 @@ def _search(where: str, table: Any) -> dict[str, ParamSpec]:
             low = _typed(where, f"{full}.low", entry["low"], float)
             high = _typed(where, f"{full}.high", entry["high"], float)
             log = _typed(where, f"{full}.log", entry.get("log", False), bool)
+            for bound in (low, high):
+                _check_range(where, full, bound)
             if not low < high:
                 raise ConfigError(
                     f"{where}: {full}: empty range low = {low} >= high = {high}; make low < high"
@@ -350,13 +412,18 @@ def _search(where: str, table: Any) -> dict[str, ParamSpec]:
             if not isinstance(choices, list) or not choices:
                 raise ConfigError(f"{where}: {full}.choices = {choices!r}: give a non-empty list")
             values = tuple(_typed(where, f"{full}.choices[{i}]", v, item) for i, v in enumerate(choices))
+            for value in values if item is not str else ():
+                _check_range(where, full, value)
             if len(set(values)) != len(values):
                 raise ConfigError(f"{where}: {full}.choices = {choices!r}: repeated value")
             specs[key] = ParamSpec(choices=values)
         else:
             if "log" in entry:
                 raise ConfigError(f"{where}: {full}.log only applies to a low/high range")
-            specs[key] = ParamSpec(value=_typed(where, f"{full}.value", entry["value"], item))
+            value = _typed(where, f"{full}.value", entry["value"], item)
+            if item is not str:
+                _check_range(where, full, value)
+            specs[key] = ParamSpec(value=value)
     if "lr" not in specs:
         raise ConfigError(f"{where}: missing search.lr; e.g. lr = {{ low = 1e-3, high = 0.3, log = true }}")
     specs.setdefault("momentum", ParamSpec(value=0.0))
@@ -371,8 +438,10 @@ def _validate(cfg: StudyConfig, where: str) -> StudyConfig:
         return ConfigError(f"{where}: {key} = {value!r}: {why}")
 
     ds, tr = cfg.dataset, cfg.training
-    if cfg.trials < 1:
-        raise bad("trials", cfg.trials, "must be >= 1")
+    for key in RANGES:  # every numeric key outside [search] (whose numbers _search checked as it read them)
+        section, _, name = key.rpartition(".")
+        if section != "search":
+            _check_range(where, key, getattr(getattr(cfg, section) if section else cfg, name))
     if cfg.objective not in OBJECTIVES:
         raise bad("objective", cfg.objective, f"must be one of {sorted(OBJECTIVES)}")
     if ds.source not in CLASSES:
@@ -388,15 +457,6 @@ def _validate(cfg: StudyConfig, where: str) -> StudyConfig:
                 list(classes),
                 f"{name!r} is not a {ds.source} class; choose from {list(known)}",
             )
-    if not 0 < ds.val_fraction < 1:
-        raise bad("dataset.val_fraction", ds.val_fraction, "must be strictly between 0 and 1")
-    for key in ("n_train", "n_test"):
-        if getattr(ds, key) < 10:
-            raise bad(f"dataset.{key}", getattr(ds, key), "must be >= 10")
-    if tr.epochs < 1:
-        raise bad("training.epochs", tr.epochs, "must be >= 1")
-    if tr.batch_size < 0:
-        raise bad("training.batch_size", tr.batch_size, "must be >= 1, or 0 for full batch")
     for key, allowed in (
         ("loss", ("ce", "mse")),
         ("backward", ("autograd", "manual")),
@@ -411,8 +471,6 @@ def _validate(cfg: StudyConfig, where: str) -> StudyConfig:
             tr.precision,
             "bf16 autocast needs dtype = 'float32' and backward = 'autograd'; use precision = 'full'",
         )
-    if tr.population < 1:
-        raise bad("training.population", tr.population, "must be >= 1 (1 = one trial at a time)")
     if tr.population > 1 and tr.backward != "autograd":
         raise bad(
             "training.population",
@@ -420,36 +478,26 @@ def _validate(cfg: StudyConfig, where: str) -> StudyConfig:
             "population training differentiates the batched models with autograd; "
             "use backward = 'autograd' or population = 1",
         )
-    if any(w < 1 for w in cfg.model.hidden):
-        raise bad("model.hidden", list(cfg.model.hidden), "every width must be >= 1")
     if cfg.model.activation not in ("relu", "tanh"):
         raise bad("model.activation", cfg.model.activation, "must be 'relu' or 'tanh'")
     if cfg.sampler.kind not in ("tpe", "random", "grid"):
         raise bad("sampler.kind", cfg.sampler.kind, "must be one of ['tpe', 'random', 'grid']")
     if cfg.pruner.kind not in ("none", "median", "hyperband"):
         raise bad("pruner.kind", cfg.pruner.kind, "must be one of ['none', 'median', 'hyperband']")
-    if not 0 < cfg.bounds.confidence < 1:
-        raise bad("bounds.confidence", cfg.bounds.confidence, "must be strictly between 0 and 1")
-    if cfg.bounds.fresh_sets < 100:
-        raise bad("bounds.fresh_sets", cfg.bounds.fresh_sets, "must be >= 100")
-    if cfg.rerun.seeds < 2:
-        raise bad("rerun.seeds", cfg.rerun.seeds, "must be >= 2 (a rerun reports the spread across seeds)")
-    for key in ("first_seed", "trials"):
-        if getattr(cfg.rerun, key) < 0:
-            raise bad(f"rerun.{key}", getattr(cfg.rerun, key), "must be >= 0")
+    last_seed = cfg.rerun.first_seed + cfg.rerun.seeds - 1
+    if last_seed > SEED_MAX:
+        raise bad(
+            "rerun.first_seed",
+            cfg.rerun.first_seed,
+            f"the rerun's training seeds run to first_seed + seeds - 1 = {last_seed}; "
+            f"keep that <= {SEED_MAX} (2**32 - 1)",
+        )
 
-    checks = {
-        "lr": (lambda v: v > 0 and math.isfinite(v), "must be > 0"),
-        "momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-        "weight_decay": (lambda v: v >= 0 and math.isfinite(v), "must be >= 0"),
-        "hidden": (lambda v: v >= 1, "must be >= 1"),
-        "activation": (lambda v: v in ("relu", "tanh"), "must be 'relu' or 'tanh'"),
-    }
     for key, spec in cfg.search.items():
-        ok, why = checks[key]
-        for value in spec.values():
-            if not ok(value):
-                raise bad(f"search.{key}", value, why)
+        if key == "activation":
+            for value in spec.values():
+                if value not in ("relu", "tanh"):
+                    raise bad("search.activation", value, "must be 'relu' or 'tanh'")
         if key == "momentum" and spec.kind == "range" and spec.high >= 1:  # type: ignore[operator]
             raise bad("search.momentum.high", spec.high, "must be < 1")
         if cfg.sampler.kind == "grid" and spec.kind == "range":
