@@ -260,6 +260,10 @@ def load_study(path: str | Path) -> StudyConfig:
     """Read and validate a study TOML file."""
     path = Path(path)
     where = str(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"{where}: is a folder, not a study file; give a .toml file, e.g. studies/demo.toml"
+        )
     if not path.is_file():
         raise ConfigError(f"{where}: no such study file; see studies/ for examples")
     try:

@@ -49,6 +49,11 @@ def atomic_write(
         with os.fdopen(fd, "wb") as handle:
             write(handle)
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None:  # a write through a file object names no file: name the target
+            exc.filename = str(path)
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -238,9 +238,10 @@ def inside(root: Path, name: str) -> Path:
 RESUME = "then run the same command again: finished trials are kept and the study resumes"
 
 
-def write_error(exc: OSError, doing: str, then: str = RESUME) -> str:
-    """One line for a write that failed: where, why, and what to do."""
-    where = exc.filename or "?"
+def write_error(exc: OSError, doing: str, then: str = RESUME, folder: Path | None = None) -> str:
+    """One line for a write that failed: where (the file, else the folder being written), why, and
+    what to do."""
+    where = exc.filename or (f"a file under {folder}" if folder is not None else "a file (the OS named none)")
     fix = {
         errno.ENOSPC: "free some space",
         errno.EDQUOT: "free some space",

@@ -137,3 +137,8 @@ def test_two_first_runs_create_one_tracking_store_without_a_race(tmp_path):
         outs = [p.communicate(timeout=120) for p in procs]
         assert [p.returncode for p in procs] == [0, 0], [err.decode()[-2000:] for _, err in outs]
         assert len({out.strip() for out, _ in outs}) == 1  # one experiment, whoever created it
+
+
+def test_a_folder_given_as_the_study_file_is_named_as_a_folder(project, capsys):
+    assert cli.main(["check", str(project)]) == 2
+    assert "is a folder, not a study file" in capsys.readouterr().err

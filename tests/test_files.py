@@ -66,3 +66,12 @@ def _umask():
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_a_full_disk_error_names_the_file_it_was_writing(tmp_path):
+    def full(handle):
+        raise OSError(28, "No space left on device")  # what a write through a file object raises
+
+    with pytest.raises(OSError) as caught:
+        files.atomic_write(tmp_path / "report.html", full)
+    assert caught.value.filename == str(tmp_path / "report.html")
