@@ -73,7 +73,7 @@ def imports(path: Path, known: set[str], ours: bool = True) -> list[tuple[str, i
             visit(child, inner)
 
     visit(tree, False)
-    return [(name, line, inner) for name, line, inner in found if not ours or name.split(".")[0] == "pipeline"]
+    return [(n, line, inner) for n, line, inner in found if not ours or n.split(".")[0] == "pipeline"]
 
 
 def graph() -> dict[str, set[str]]:
@@ -115,12 +115,25 @@ def test_no_import_circle():
 def test_imports_inside_functions_are_only_marked_start_up_laziness():
     mods = modules()
     hidden = []
-    for name, path in mods.items():
+    for path in mods.values():
         lines = path.read_text().splitlines()
         for _, line, inner in imports(path, set(mods), ours=False):
             if inner and "lazy" not in lines[line - 1]:
                 hidden.append(f"{path.relative_to(ROOT)}:{line}: {lines[line - 1].strip()}")
     assert hidden == []
+
+
+def test_no_html_is_built_in_python():
+    """Pages come from the Jinja2 templates (autoescaped): no tag in a Python string literal."""
+    found = []
+    for path in modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.JoinedStr) and any(
+                isinstance(v, ast.Constant) and "<" in str(v.value) and ">" in str(v.value)
+                for v in node.values
+            ):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert found == []
 
 
 def test_modules_stay_readable_in_one_sitting():

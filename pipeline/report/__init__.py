@@ -1,2 +1,3 @@
 """Reports: a trial's folder (``trial``), the study page (``study_summary`` → ``study_page``), the
-Reruns section (``reruns``), the figures they embed (``figures``) and their HTML (``html``)."""
+Reruns section (``reruns``) and the figures they embed (``figures``). Every page is a Jinja2
+template under ``templates/`` (autoescaped), rendered by ``html.render`` from a small frozen context."""

@@ -1,29 +1,72 @@
-"""The pages' HTML pieces: tables, embedded figures, the page frame and its style."""
+"""The pages' Jinja2 environment: the templates in ``templates/``, autoescaped, and their filters.
+
+Python prepares each page's context (frozen dataclasses of plain values: rows, numbers, strings,
+embedded figures); the templates hold every tag. The same context renders to the same bytes.
+"""
 
 from __future__ import annotations
 
 import base64
-import html
 import math
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
+import numpy as np
+import pandas as pd
+
 from pipeline.evaluate import Evaluation
 
+ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("pipeline.report", "templates"),
+    autoescape=True,  # every {{ value }} is escaped unless it is already markup (a macro's output)
+    undefined=jinja2.StrictUndefined,  # a misspelt name fails the page instead of printing nothing
+    trim_blocks=True,  # a line holding only a {% tag %} leaves nothing behind, not even its newline
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+)
 
-def table_html(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return "—" if not math.isfinite(v) else f"{v:.4g}"
-        return html.escape(str(v))
-
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+# markupsafe spells ' and " as &#39; and &#34;; the pages have always used the standard library's
+# &#x27; and &quot;. Escaping turns every & into &amp; and no template writes either spelling, so in a
+# rendered page they only ever come from escaping: respelling them changes no meaning.
+_ENTITIES = {"&#39;": "&#x27;", "&#34;": "&quot;"}
 
 
-def classification_table(evaluation: Evaluation) -> str:
+@dataclass(frozen=True)
+class Figure:
+    """A PNG embedded as a data URI (``src``; "" when nothing was drawn) and the plotter's note."""
+
+    src: str
+    note: str = ""
+
+
+def number(value: Any, digits: int = 4) -> str:
+    """A value as the pages show it: floats to ``digits`` significant digits, "—" when missing."""
+    if value is None or value is pd.NA:
+        return "—"
+    if isinstance(value, (float, np.floating)):
+        return "—" if not math.isfinite(value) else f"{value:.{digits}g}"
+    return str(value)
+
+
+def cell(value: Any) -> str:
+    """A table cell: Python floats as ``number`` shows them, anything else as its text."""
+    return number(value) if isinstance(value, float) else str(value)
+
+
+def data_uri(path: Path) -> str:
+    """The PNG at ``path`` as a data URI, so the page stands alone (the file is also beside it)."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def figure(path: Path | None, note: str = "") -> Figure:
+    """The figure at ``path`` embedded, or only ``note`` when nothing was drawn (``path`` None)."""
+    return Figure(data_uri(path) if path is not None else "", note)
+
+
+def classification_rows(evaluation: Evaluation) -> tuple[tuple[Any, ...], ...]:
+    """sklearn's classification report as (class, precision, recall, F1, support) rows."""
     rows = []
     for name, values in evaluation.report.items():
         if isinstance(values, dict):
@@ -32,26 +75,19 @@ def classification_table(evaluation: Evaluation) -> str:
             )
         else:
             rows.append((name, "", "", values, int(sum(evaluation.confusion.ravel()))))
-    return table_html(rows, ("class", "precision", "recall", "F1", "support"))
+    return tuple(rows)
 
 
-def image_html(path: Path, alt: str) -> str:
-    """An <img> with the PNG embedded, so the page stands alone (the file is also beside it)."""
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+ENV.filters.update(
+    number=number,
+    cell=cell,
+    fmt=format,  # {{ x|fmt(".4f") }} is f"{x:.4f}"
+)
 
 
-STYLE = """
-body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.2em}td,th{border:1px solid #ccc;padding:3px 8px;
-text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%}
-.note{color:#555;font-size:.92em}.bad{color:#a00}.good{color:#070}code{background:#f5f5f5}
-"""
-
-
-def html_page(title: str, sections: Sequence[tuple[str, str]]) -> str:
-    body = "".join(f"<h2>{html.escape(h)}</h2>\n{content}\n" for h, content in sections)
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n{body}</body></html>\n"
-    )
+def render(template_name: str, **context: Any) -> str:
+    """Render ``templates/<template_name>`` with ``context``."""
+    text = ENV.get_template(template_name).render(**context)
+    for markupsafe_spelling, page_spelling in _ENTITIES.items():
+        text = text.replace(markupsafe_spelling, page_spelling)
+    return text

@@ -6,16 +6,16 @@ The history's format lives here, below both its writer (``pipeline.ops.rerun``) 
 
 from __future__ import annotations
 
-import html
 import json
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline import files
 from pipeline.report.figures import plot_reruns
-from pipeline.report.html import image_html, table_html
+from pipeline.report.html import Figure, figure, render
 
 HISTORY_FILE = "reruns.json"
 
@@ -56,12 +56,26 @@ def params_text(params: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-def rerun_section_html(reports_dir: Path) -> str | None:
-    """The study page's "Reruns" section for ``reports/<study>/``; None when it was never rerun."""
+@dataclass(frozen=True)
+class RerunSection:
+    """What the study page's Reruns section shows (``reruns.html.j2``); ``error``: why not."""
+
+    error: str = ""  # the history could not be read
+    count: int = 0
+    date: str = ""  # of the latest rerun
+    verdict: str = ""  # the latest rerun's: "drift", "no drift" or "first"
+    seeds: tuple[int, ...] = ()  # the latest rerun's training seeds
+    confidence: float = 0.0
+    plot: Figure = Figure("")
+    rows: tuple[tuple[Any, ...], ...] = ()  # newest first
+
+
+def rerun_section(reports_dir: Path) -> RerunSection | None:
+    """The Reruns section's content for ``reports/<study>/``; None when it was never rerun."""
     try:
         history = load_history(Path(reports_dir) / HISTORY_FILE)
     except RerunError as exc:
-        return f"<p class='bad'>{html.escape(str(exc))}</p>"
+        return RerunSection(error=str(exc))
     if not history:
         return None
     rows = []
@@ -85,32 +99,21 @@ def rerun_section_html(reports_dir: Path) -> str | None:
         )
     last = history[-1]
     latest = last.get("drift", {})
-    verdict = (
-        "<span class='bad'>drift detected</span>"
-        if latest.get("detected")
-        else "<span class='good'>no drift</span>"
-        if latest.get("compared_with")
-        else "first rerun"
-    )
-    intro = (
-        f"<p>{len(history)} reruns; the latest ({html.escape(last['date'])}): {verdict}. Each rerun "
-        f"retrains the selected configuration (best by validation) with the training seeds "
-        f"{', '.join(map(str, last['seeds']))} and tests every model. Drift: the selection changed, or "
-        f"the mean test error left the previous rerun's exact {last['confidence']:.0%} interval "
-        "(Clopper–Pearson at the mean error count) or its range across seeds.</p>"
-    )
+    verdict = "drift" if latest.get("detected") else "no drift" if latest.get("compared_with") else "first"
     with tempfile.TemporaryDirectory() as tmp:
-        figure = image_html(plot_reruns(history, Path(tmp) / PLOT_FILE), "test error over reruns")
-    header = (
-        "date",
-        "trial",
-        "params",
-        "mean test error",
-        "std",
-        "min–max",
-        "exact interval",
-        "new trials",
-        "drift",
-        "changed since previous",
+        plot = figure(plot_reruns(history, Path(tmp) / PLOT_FILE))
+    return RerunSection(
+        count=len(history),
+        date=last["date"],
+        verdict=verdict,
+        seeds=tuple(last["seeds"]),
+        confidence=last["confidence"],
+        plot=plot,
+        rows=tuple(rows[::-1]),
     )
-    return intro + figure + table_html(rows[::-1], header)
+
+
+def rerun_section_html(reports_dir: Path) -> str | None:
+    """The study page's "Reruns" section for ``reports/<study>/``; None when it was never rerun."""
+    section = rerun_section(reports_dir)
+    return None if section is None else render("reruns.html.j2", reruns=section)

@@ -13,7 +13,6 @@ The page carries no wall-clock time, so regenerating it from the same storage gi
 
 from __future__ import annotations
 
-import html
 import math
 import warnings
 from dataclasses import dataclass
@@ -27,11 +26,12 @@ from optuna.trial import FrozenTrial
 from scipy import stats
 
 from pipeline import bounds, files, tracking
+from pipeline.compare import PairedComparison
 from pipeline.config import StudyConfig
 from pipeline.evaluate import Evaluation, summarize
 from pipeline.report.figures import Plot, optuna_figures, plot_confusion, plot_forest
-from pipeline.report.html import classification_table, html_page, image_html, table_html
-from pipeline.report.reruns import rerun_section_html
+from pipeline.report.html import Figure, classification_rows, figure, number, render
+from pipeline.report.reruns import RerunSection, rerun_section
 from pipeline.report.study_summary import (
     StudySummary,
     TrialOutputs,
@@ -93,11 +93,9 @@ def write_study_page(
                 evaluation, selected.classes, tmp / "selected_confusion_matrix.png", "test set"
             )
         files.write_json(tmp / "study_summary.json", summary.to_dict())
-        sections = _sections(cfg, study, summary, frame, outputs, figures, forest, confusion, sources)
-        reruns = rerun_section_html(page_dir)
-        if reruns is not None:
-            sections.insert(-1, ("Reruns", reruns))
-        text = html_page(f"Study {cfg.name}", sections)
+        reruns = rerun_section(page_dir)
+        content = _page(cfg, study, summary, frame, outputs, figures, forest, confusion, sources, reruns)
+        text = render("study.html.j2", page=content)
     page = files.write_text(page_dir / PAGE, text)
     return page, summary
 
@@ -114,207 +112,156 @@ def _evaluation(outputs: TrialOutputs) -> Evaluation:
     )
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None or value is pd.NA:
-        return "—"
-    if isinstance(value, (float, np.floating)):
-        return "—" if not math.isfinite(value) else f"{value:.{digits}g}"
-    return str(value)
+@dataclass(frozen=True)
+class Ranked:
+    """A trial the page names: the selected one or the runner-up."""
+
+    number: int
+    value: float  # the objective
+    params: str  # "lr=0.1, momentum=0.9, …"
 
 
-def _trials_html(frame: pd.DataFrame) -> str:
-    shown = frame.copy()
-    for col in shown.columns:
-        if col == "report":
-            shown[col] = [f'<a href="{html.escape(v)}">report</a>' if v else "" for v in shown[col]]
-        else:
-            shown[col] = [html.escape(_fmt(v)) for v in shown[col]]
+@dataclass(frozen=True)
+class TrialsTable:
+    """The trials, laid out as ``DataFrame.to_html`` did and with its cell text (see ``_to_html_text``)."""
+
+    header: tuple[str, ...]  # every column but the last, the report link
+    rows: tuple[tuple[tuple[str, ...], str], ...]  # (cells, report link or "")
+
+
+@dataclass(frozen=True)
+class Tested:
+    """The selected trial's test results, from its report folder or MLflow run."""
+
+    k: int
+    m: int
+    clopper_pearson: str  # "[low, high]" at the study's confidence, from the trial's attributes
+    bounds_confidence: float  # the confidence its bounds stage computed the intervals at
+    intervals: tuple[dict[str, Any], ...]  # metrics.json's records
+    confusion: Figure
+    classification: tuple[tuple[Any, ...], ...]
+    link: str  # its report, relative to the page
+    simultaneous: tuple[tuple[Any, ...], ...]  # its intervals alone and over all N tested trials
+    union_epsilon: float
+    val_error: float
+    test_error: float
+    mean_gap: float  # test − validation error, averaged over the complete trials
+    n_gaps: int
+    half_width: float  # of its exact interval at the study's confidence
+
+
+@dataclass(frozen=True)
+class Versus:
+    """The selected trial against the runner-up: the exact McNemar test of their paired predictions."""
+
+    test: PairedComparison
+    table: tuple[tuple[Any, ...], ...]  # the 2×2 rows as the page shows them
+    selected_only_wrong: int
+    runner_up_only_wrong: int
+
+
+@dataclass(frozen=True)
+class StudyPage:
+    """What ``study.html.j2`` shows; the template lays it out and formats the numbers."""
+
+    title: str
+    objective: str
+    confidence: float
+    summary: StudySummary  # counts, N tested, notes
+    n_trials: int
+    selected: Ranked | None
+    runner_up: Ranked | None
+    tested: Tested | None  # None: the selected trial left no outputs
+    verdict: str  # the comparison's verdict as a phrase ("" without one)
+    versus: Versus | None
+    resolvable: float  # smallest error difference the McNemar test could call significant
+    resolvable_errors: int | None  # the same in errors on the test set; None when none could be
+    trials: TrialsTable
+    figures: dict[str, Figure]  # Optuna's: history, importances, slice, contour
+    forest: Figure
+    provenance: tuple[tuple[str, Any], ...]
+    reruns: RerunSection | None
+    folder: str = FOLDER
+
+
+def _figure(fig: Plot | Path | None) -> Figure:
+    plot = fig if isinstance(fig, Plot) else Plot(fig, "" if fig else "nothing to draw")
+    return figure(plot.path, plot.note)
+
+
+def _to_html_text(text: str) -> str:
+    """A cell's text as ``DataFrame.to_html`` printed it: tab, CR and newline spelled out, ends stripped."""
+    return text.replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n").strip()
+
+
+def _trials_table(frame: pd.DataFrame) -> TrialsTable:
+    shown = {col: [_to_html_text(number(v)) for v in frame[col]] for col in frame.columns if col != "report"}
     low, high = frame["test_error_clopper_pearson_low"], frame["test_error_clopper_pearson_high"]
     shown["test_error_clopper_pearson_low"] = [
-        f"[{_fmt(lo)}, {_fmt(hi)}]" if math.isfinite(lo) else "—" for lo, hi in zip(low, high, strict=True)
+        f"[{number(lo)}, {number(hi)}]" if math.isfinite(lo) else "—"
+        for lo, hi in zip(low, high, strict=True)
     ]
-    shown = shown.drop(columns="test_error_clopper_pearson_high").rename(
-        columns={"test_error_clopper_pearson_low": "Clopper–Pearson", "duration_s": "duration (s)"}
+    del shown["test_error_clopper_pearson_high"]
+    names = {"test_error_clopper_pearson_low": "Clopper–Pearson", "duration_s": "duration (s)"}
+    rows = zip(zip(*shown.values(), strict=True), frame["report"], strict=True)
+    return TrialsTable(
+        header=tuple(names.get(col, col).strip() for col in shown),
+        rows=tuple((cells, link or "") for cells, link in rows),
     )
-    table = shown.to_html(index=False, escape=False, border=0, na_rep="—")
-    return f'<style>.dataframe td{{white-space:nowrap}}</style><div style="overflow-x:auto">{table}</div>'
 
 
-def _figure_html(fig: Plot | Path | None, alt: str) -> str:
-    plot = fig if isinstance(fig, Plot) else Plot(fig, "" if fig else "nothing to draw")
-    shown = image_html(plot.path, alt) if plot.path is not None else ""
-    if plot.note:
-        shown += f'<p class="note">{html.escape(alt)}: {html.escape(plot.note)}</p>'
-    return shown
-
-
-def _sections(
-    cfg, study, summary, frame, outputs, figures, forest, confusion, sources
-) -> list[tuple[str, str]]:
-    conf = summary.confidence
-    pct = f"{100 * conf:g} %"
-    c = summary.counts
+def _page(cfg, study, summary, frame, outputs, figures, forest, confusion, sources, reruns) -> StudyPage:
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     sel = by_number.get(summary.selected) if summary.selected is not None else None
     sel_out = outputs.get(summary.selected) if summary.selected is not None else None
     runner = by_number.get(summary.runner_up) if summary.runner_up is not None else None
-    objective = cfg.objective
-    sections: list[tuple[str, str]] = []
-
-    # --- summary
-    lines = [
-        f"{len(frame)} trials: {c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed"
-        + (f", {c['running']} running" if c["running"] else "")
-        + ". The selected trial is the best by the validation objective "
-        f"(<code>{objective}</code>); the test set chose nothing."
-    ]
-    if sel is not None and sel_out is not None:
-        lines.append(
-            f"Selected: <b>trial {sel.number}</b> ({html.escape(_params_text(sel))}), "
-            f"{objective} = {sel.value:.4f}, "
-            f"test error {sel_out.k}/{sel_out.m} = {sel_out.k / sel_out.m:.4f} "
-            f"({pct} Clopper–Pearson {_interval_text(sel, 'clopper_pearson')})."
+    cmp = summary.comparison
+    resolvable = summary.metrics.get("smallest_resolvable_difference", math.nan)
+    versus = None
+    if cmp is not None and sel is not None and runner is not None:
+        t = cmp.table
+        versus = Versus(
+            test=cmp,
+            table=(
+                (f"trial {sel.number} wrong", int(t[0, 0]), int(t[0, 1])),
+                (f"trial {sel.number} right", int(t[1, 0]), int(t[1, 1])),
+            ),
+            selected_only_wrong=int(t[0, 1]),
+            runner_up_only_wrong=int(t[1, 0]),
         )
-    if summary.comparison is not None and runner is not None:
-        cmp = summary.comparison
-        lines.append(
-            f"Against the runner-up, trial {runner.number}: <b>{_verdict_text(cmp.verdict)}</b> "
-            f"(exact McNemar p = {cmp.p_value:.3g}, error difference {cmp.difference:+.4f}, "
-            f"{pct} interval [{cmp.low:+.4f}, {cmp.high:+.4f}])."
-        )
-    lines += [html.escape(n) for n in summary.notes]
-    sections.append(("Summary", "".join(f"<p>{line}</p>" for line in lines)))
-
-    # --- trials
-    sections.append(
-        (
-            "Trials",
-            f'<p class="note">From the Optuna storage. Clopper–Pearson: the {pct} exact interval '
-            f"of each trial's test error on its own. best_val_acc is the best epoch's; val_acc is "
-            f"the final model's (the objective is {objective}). Also as "
-            f'<a href="{FOLDER}/trials.csv">trials.csv</a>.</p>' + _trials_html(frame),
-        )
+    return StudyPage(
+        title=f"Study {cfg.name}",
+        objective=cfg.objective,
+        confidence=summary.confidence,
+        summary=summary,
+        n_trials=len(frame),
+        selected=_ranked(sel),
+        runner_up=_ranked(runner),
+        tested=_tested(summary, sel, sel_out, outputs, confusion) if sel is not None else None,
+        verdict=_verdict_text(cmp.verdict) if cmp is not None else "",
+        versus=versus,
+        resolvable=resolvable,
+        resolvable_errors=round(resolvable * cmp.m)
+        if cmp is not None and math.isfinite(resolvable)
+        else None,
+        trials=_trials_table(frame),
+        figures={name: _figure(figures.get(name)) for name in ("history", "importances", "slice", "contour")},
+        forest=_figure(forest),
+        provenance=_provenance_rows(cfg, study, outputs, sel_out, sources),
+        reruns=reruns,
     )
 
-    # --- study figures
-    sections.append(
-        (
-            "Study figures",
-            _figure_html(figures.get("history"), "optimization history")
-            + _figure_html(figures.get("importances"), "parameter importances")
-            + '<p class="note">Importances: Optuna\'s default (PED-ANOVA) on the complete trials; '
-            "with few trials they are rough.</p>"
-            + _figure_html(figures.get("slice"), "slice plot")
-            + _figure_html(figures.get("contour"), "contour plot"),
-        )
-    )
 
-    # --- forest
-    sections.append(
-        (
-            "Every complete trial's test error",
-            f"<p>Sorted by {objective} (best at the top), the selected trial in red. The thick bar is "
-            f"each trial's own {pct} exact interval; the thin bar is the Bonferroni-corrected one "
-            f"(confidence 1 − δ/N, N = {summary.n_tested}), which may be read across all trials at "
-            "once.</p>" + _figure_html(forest, "forest plot"),
-        )
-    )
-
-    # --- selected trial
-    if sel is not None and sel_out is not None:
-        rows = [
-            (
-                iv["method"],
-                iv["low"],
-                iv["high"],
-                iv["width"],
-                "yes" if iv["guaranteed"] else "no",
-                iv["note"] or "",
-            )
-            for iv in sel_out.metrics["intervals"]
-        ]
-        link = f"trial-{sel.number:04d}/report.html"
-        body = (
-            f"<p>Trial {sel.number}: {html.escape(_params_text(sel))}. {objective} = {sel.value:.4f}; "
-            f"test error {sel_out.k}/{sel_out.m} = {sel_out.k / sel_out.m:.4f}. "
-            f"Intervals at {sel_out.metrics.get('confidence', conf):g} from the bounds stage "
-            f'(<a href="{link}">its report</a>):</p>'
-            + table_html(rows, ("method", "low", "high", "width", "guaranteed", "note"))
-            + _figure_html(confusion, "confusion matrix")
-            + classification_table(_evaluation(sel_out))
-        )
-        sections.append(("The selected trial", body))
-
-    # --- best vs runner-up
-    sections.append(("Selected trial against the runner-up", _comparison_html(summary, sel, runner)))
-
-    # --- simultaneous
-    sections.append(("Simultaneous bounds over all trials", _simultaneous_html(summary, sel, sel_out)))
-
-    # --- gap and resolution
-    sections.append(
-        ("Validation-to-test gap and test-set resolution", _gap_html(summary, sel, sel_out, outputs))
-    )
-
-    # --- provenance
-    sections.append(("Provenance", _provenance_html(cfg, study, outputs, sel_out, sources)))
-    return sections
-
-
-def _params_text(trial: FrozenTrial) -> str:
-    return ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
+def _ranked(trial: FrozenTrial | None) -> Ranked | None:
+    if trial is None:
+        return None
+    return Ranked(trial.number, trial.value, ", ".join(f"{k}={number(v)}" for k, v in trial.params.items()))
 
 
 def _interval_text(trial: FrozenTrial, method: str) -> str:
     low = trial.user_attrs.get(f"test_error_{method}_low", math.nan)
     high = trial.user_attrs.get(f"test_error_{method}_high", math.nan)
-    return f"[{_fmt(low)}, {_fmt(high)}]"
-
-
-def _comparison_html(summary: StudySummary, sel, runner) -> str:
-    if sel is None or runner is None:
-        return "<p>Fewer than two complete trials: there is no runner-up to compare with.</p>"
-    cmp = summary.comparison
-    if cmp is None:
-        return "<p>" + " ".join(html.escape(n) for n in summary.notes) + "</p>"
-    pct = f"{100 * cmp.confidence:g} %"
-    delta = 1 - cmp.confidence
-    t = cmp.table
-    table = table_html(
-        [
-            (f"trial {sel.number} wrong", int(t[0, 0]), int(t[0, 1])),
-            (f"trial {sel.number} right", int(t[1, 0]), int(t[1, 1])),
-        ],
-        ("", f"trial {runner.number} wrong", f"trial {runner.number} right"),
-    )
-    tie = ""
-    if sel.value == runner.value:
-        tie = (
-            f" They tie on {summary.objective}; the study's order (the earlier trial) ranked them, "
-            "which is still independent of the test set."
-        )
-    resolvable = summary.metrics.get("smallest_resolvable_difference", math.nan)
-    return (
-        f"<p>The runner-up is the second best by {summary.objective} (trial {runner.number}, "
-        f"{summary.objective} = {runner.value:.4f}).{tie} Both were ranked on validation data, so "
-        "comparing them on the test set is one honest test, not a search.</p>"
-        + table
-        + f"<p>They disagree on {cmp.n_discordant} of {cmp.m} test points. Exact McNemar test "
-        f"(statsmodels <code>mcnemar(table, exact=True)</code>: a two-sided binomial test of the "
-        f"{int(t[0, 1])} vs {int(t[1, 0])} split of those points): p = {cmp.p_value:.4g}.</p>"
-        f"<p>Difference in test error (selected − runner-up): {cmp.difference:+.4f}, {pct} interval "
-        f"[{cmp.low:+.4f}, {cmp.high:+.4f}] by Newcombe's (1998) square-and-add method for paired "
-        "proportions (Wilson limits for each error rate, combined through the correlation of the "
-        "pairs). It is approximate; it is used instead of the Wald interval, which degenerates when "
-        "the models rarely disagree, while the McNemar p-value above is exact.</p>"
-        f"<p><b>Verdict at δ = {delta:.3g}: the selected trial is {_verdict_text(cmp.verdict)}.</b>"
-        + (
-            f" With {cmp.n_discordant} disagreements, the smallest error difference this test "
-            f"could call significant is {_fmt(resolvable)} (see below).</p>"
-            if math.isfinite(resolvable)
-            else f" With only {cmp.n_discordant} disagreements, no difference could be significant.</p>"
-        )
-    )
+    return f"[{number(low)}, {number(high)}]"
 
 
 def _verdict_text(verdict: str) -> str:
@@ -323,95 +270,67 @@ def _verdict_text(verdict: str) -> str:
     return "indistinguishable from the runner-up at this test size"
 
 
-def _simultaneous_html(summary: StudySummary, sel, sel_out: TrialOutputs | None) -> str:
-    if sel is None or sel_out is None or not summary.n_tested:
-        return "<p>No tested trial.</p>"
+def _tested(summary: StudySummary, sel, sel_out, outputs, confusion) -> Tested | None:
+    if sel_out is None:
+        return None
     conf = summary.confidence
     delta = 1 - conf
-    n, m = summary.n_tested, sel_out.m
+    m = sel_out.m
     err = sel_out.k / m
-    single_low, single_high = stats.binomtest(sel_out.k, m).proportion_ci(conf, method="exact")
-    hoeff = bounds.hoeffding_epsilon(m, delta)
-    union = summary.metrics["union_hoeffding_epsilon"]
-    blow = summary.metrics["selected_test_error_bonferroni_low"]
-    bhigh = summary.metrics["selected_test_error_bonferroni_high"]
-    rows = [
-        (
-            "Clopper–Pearson, this trial alone",
-            f"1 − δ = {conf:g}",
-            single_low,
-            single_high,
-            single_high - single_low,
-        ),
-        ("Clopper–Pearson, Bonferroni over N", f"1 − δ/N = {1 - delta / n:.4g}", blow, bhigh, bhigh - blow),
-        (
-            "Hoeffding, this trial alone",
-            f"1 − δ = {conf:g}",
-            max(0.0, err - hoeff),
-            min(1.0, err + hoeff),
-            2 * hoeff,
-        ),
-        (
-            "Hoeffding, union bound over N",
-            f"1 − δ/N = {1 - delta / n:.4g}",
-            max(0.0, err - union),
-            min(1.0, err + union),
-            2 * union,
-        ),
-    ]
-    return (
-        f"<p>N = {n} trials had their test error computed on the same m = {m} points. The selected "
-        "trial was chosen on validation data, so its own interval (first row) is valid for it. But "
-        "whoever reads the test errors of all N trials side by side — or picks the lowest — needs "
-        "all N intervals to hold at once. Spending δ/N on each (Bonferroni; for Hoeffding the union "
-        f"bound ε = sqrt(ln(2N/δ)/(2m)) = {union:.4f}) makes that hold with probability ≥ 1 − δ; "
-        "that is why these rows are wider.</p>"
-        + table_html(
-            rows, ("interval for trial " + str(sel.number), "confidence each", "low", "high", "width")
+    low, high = stats.binomtest(sel_out.k, m).proportion_ci(conf, method="exact")
+    simultaneous = ()
+    union = math.nan
+    if summary.n_tested:
+        n = summary.n_tested
+        hoeff = bounds.hoeffding_epsilon(m, delta)
+        union = summary.metrics["union_hoeffding_epsilon"]
+        blow = summary.metrics["selected_test_error_bonferroni_low"]
+        bhigh = summary.metrics["selected_test_error_bonferroni_high"]
+        simultaneous = (
+            ("Clopper–Pearson, this trial alone", f"1 − δ = {conf:g}", low, high, high - low),
+            (
+                "Clopper–Pearson, Bonferroni over N",
+                f"1 − δ/N = {1 - delta / n:.4g}",
+                blow,
+                bhigh,
+                bhigh - blow,
+            ),
+            (
+                "Hoeffding, this trial alone",
+                f"1 − δ = {conf:g}",
+                max(0.0, err - hoeff),
+                min(1.0, err + hoeff),
+                2 * hoeff,
+            ),
+            (
+                "Hoeffding, union bound over N",
+                f"1 − δ/N = {1 - delta / n:.4g}",
+                max(0.0, err - union),
+                min(1.0, err + union),
+                2 * union,
+            ),
         )
-    )
-
-
-def _gap_html(
-    summary: StudySummary, sel, sel_out: TrialOutputs | None, outputs: dict[int, TrialOutputs]
-) -> str:
-    if sel is None or sel_out is None:
-        return "<p>No tested trial.</p>"
-    conf = summary.confidence
-    val_error = 1 - sel_out.metrics["val_acc"]
-    test_error = sel_out.metrics["test_error"]
     gaps = [o.metrics["test_error"] - (1 - o.metrics["val_acc"]) for o in outputs.values()]
-    low, high = stats.binomtest(sel_out.k, sel_out.m).proportion_ci(conf, method="exact")
-    resolvable = summary.metrics.get("smallest_resolvable_difference", math.nan)
-    text = (
-        f"<p>Selected trial: validation error {val_error:.4f}, test error {test_error:.4f}, gap "
-        f"(test − validation) <b>{test_error - val_error:+.4f}</b>; the mean gap over all "
-        f"{len(gaps)} complete trials is {np.mean(gaps):+.4f}. The selected trial's validation "
-        "accuracy is the best of N noisy estimates on one validation set, so in expectation it is optimistic "
-        "(Cawley &amp; Talbot 2010); its test error, which played no part in the choice, is the "
-        "honest estimate.</p>"
-        f"<p>Resolution of one test error at m = {sel_out.m}: the {100 * conf:g} % Clopper–Pearson "
-        f"half-width at the selected error is {(high - low) / 2:.4f}.</p>"
+    return Tested(
+        k=sel_out.k,
+        m=m,
+        clopper_pearson=_interval_text(sel, "clopper_pearson"),
+        bounds_confidence=sel_out.metrics.get("confidence", conf),
+        intervals=tuple(sel_out.metrics["intervals"]),
+        confusion=_figure(confusion),
+        classification=classification_rows(_evaluation(sel_out)),
+        link=f"trial-{sel.number:04d}/report.html",
+        simultaneous=simultaneous,
+        union_epsilon=union,
+        val_error=1 - sel_out.metrics["val_acc"],
+        test_error=sel_out.metrics["test_error"],
+        mean_gap=np.mean(gaps),
+        n_gaps=len(gaps),
+        half_width=(high - low) / 2,
     )
-    if summary.comparison is not None:
-        cmp = summary.comparison
-        text += (
-            "<p>Smallest resolvable difference between two trials, as defined here: the smallest "
-            "|error(A) − error(B)| for which the exact two-sided McNemar test rejects at level "
-            f"δ = {1 - conf:.3g}, given the number of test points on which the two disagree. For "
-            f"the selected trial and the runner-up ({cmp.n_discordant} disagreements of {cmp.m}) "
-            f"it is <b>{_fmt(resolvable)}</b>"
-            + (
-                "; no split of so few disagreements is significant"
-                if not math.isfinite(resolvable)
-                else f" ({round(resolvable * cmp.m)} more errors for one model than the other)"
-            )
-            + ". A smaller true difference needs a larger test set or models that disagree less.</p>"
-        )
-    return text
 
 
-def _provenance_html(cfg, study, outputs, sel_out, sources: PageSources) -> str:
+def _provenance_rows(cfg, study, outputs, sel_out, sources: PageSources) -> tuple[tuple[str, Any], ...]:
     prov = dict(sel_out.metrics.get("provenance", {})) if sel_out else {}
     commits = sorted({o.metrics.get("provenance", {}).get("git_commit", "unknown") for o in outputs.values()})
     config_hashes = sorted({o.metrics.get("config_hash", "") for o in outputs.values()} - {""})
@@ -441,7 +360,7 @@ def _provenance_html(cfg, study, outputs, sel_out, sources: PageSources) -> str:
     for key in ("python", "torch", "optuna", "mlflow", "numpy", "scikit_learn", "pipeline"):
         if key in prov:
             rows.append((f"{key} (selected trial)", prov[key]))
-    return table_html(rows, ("", ""))
+    return tuple(rows)
 
 
 def find_study_run(mlflow, name: str) -> tuple[str | None, str | None]:

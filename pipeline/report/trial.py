@@ -25,7 +25,7 @@ from pipeline.report.figures import (
     plot_decision_boundary,
     plot_true_distribution,
 )
-from pipeline.report.html import classification_table, html_page, image_html, table_html
+from pipeline.report.html import Figure, classification_rows, figure, render
 from pipeline.train import TrainResult
 
 TRUE_ERROR_SAMPLE = 4_000_000  # fresh points for the true error estimate (independent of the sets)
@@ -199,75 +199,44 @@ def _describe(params: dict[str, Any], cfg: StudyConfig) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
+@dataclass(frozen=True)
+class TrialPage:
+    """What ``trial.html.j2`` shows: rows, numbers and embedded figures, ready to lay out."""
+
+    title: str
+    confidence: float
+    overview: tuple[tuple[str, Any], ...]
+    classification: tuple[tuple[Any, ...], ...]
+    intervals: tuple[bounds.Interval, ...]
+    m: int
+    sizes: dict[str, Any]  # Hoeffding's epsilon and the test-set sizes for ±1 % at 0.99
+    observed_error: float  # the p the observed-error test size was computed at
+    test_error: float
+    truth: GroundTruth | None
+    coverage: tuple[tuple[Any, ...], ...]  # the ground truth's coverage rows (none without one)
+    true_error_sample: int
+    figures: dict[str, Figure]
+    provenance: tuple[tuple[str, Any], ...]
+
+
 def _trial_page(
     title, cfg, split, params, result, val, test, train_eval, err, sizes, truth, figures, provenance
 ) -> str:
-    pct = f"{100 * cfg.bounds.confidence:g} %"
-    overview = table_html(
-        [
-            ("parameters", _describe(params, cfg)),
-            ("outcome", result.outcome),
-            ("epochs run", len(result.history)),
-            ("training time (s)", result.seconds),
-            ("train error", train_eval.error),
-            ("validation accuracy (objective)", val.accuracy),
-            ("test accuracy", test.accuracy),
-            ("test error R_T", f"{err.k} / {err.m} = {test.error:.4f}"),
-            ("generalization gap (test − train error)", test.error - train_eval.error),
-        ],
-        ("", "value"),
+    overview = (
+        ("parameters", _describe(params, cfg)),
+        ("outcome", result.outcome),
+        ("epochs run", len(result.history)),
+        ("training time (s)", result.seconds),
+        ("train error", train_eval.error),
+        ("validation accuracy (objective)", val.accuracy),
+        ("test accuracy", test.accuracy),
+        ("test error R_T", f"{err.k} / {err.m} = {test.error:.4f}"),
+        ("generalization gap (test − train error)", test.error - train_eval.error),
     )
-    rows = [
-        (iv.method, iv.low, iv.high, iv.width, "yes" if iv.guaranteed else "no", iv.note or "")
-        for iv in err.intervals
-    ]
-    intervals = (
-        f"<p>Each interval is meant to contain the true error with probability {pct} "
-        f"(δ = {1 - cfg.bounds.confidence:.3g}). <em>Guaranteed</em> intervals hold for any true "
-        "error; the others rest on an approximation (normal limit, a plugged-in variance or the "
-        "bootstrap).</p>"
-        + table_html(rows, ("method", "low", "high", "width", "guaranteed", "note"))
-        + image_html(figures["bounds"], "bootstrap distribution and intervals")
-        + f"<p>Test-set size m = {err.m}. At this m Hoeffding's ε is "
-        f"{sizes['hoeffding_epsilon']:.4f} at {pct}. To know the error to ±1 % with probability "
-        f"0.99, Hoeffding needs m = {sizes['hoeffding_m_1pct_99']:,}; the exact binomial interval "
-        f"needs m = {sizes['exact_m_1pct_99_worst']:,} at the worst case p = 0.5 and "
-        f"m = {sizes['exact_m_1pct_99_observed']:,} at p = {max(test.error, 1e-3):.3f} "
-        "(the observed error).</p>"
+    coverage = tuple(
+        (c.method, c.nominal, c.coverage, c.mean_width, c.n_sets, "yes" if c.guaranteed else "no", c.note)
+        for c in (truth.coverage if truth is not None else ())
     )
-    sections = [
-        ("Overview", overview),
-        ("Learning curves", image_html(figures["curves"], "learning curves")),
-        (
-            "Test set: confusion matrix and classification report",
-            image_html(figures["confusion_matrix"], "confusion matrix") + classification_table(test),
-        ),
-        ("Confidence intervals for the test error", intervals),
-    ]
-    if truth is not None:
-        cov_rows = [
-            (c.method, c.nominal, c.coverage, c.mean_width, c.n_sets, "yes" if c.guaranteed else "no", c.note)
-            for c in truth.coverage
-        ]
-        sections.append(
-            (
-                "Ground truth: the true error distribution and interval coverage",
-                f"<p>The synthetic ground truth can draw fresh data. The model's empirical error on "
-                f"{len(truth.fresh_errors):,} fresh test sets of size m = {err.m} is histogrammed "
-                f"below; the true error, {truth.true_error:.4f}, is measured on "
-                f"{TRUE_ERROR_SAMPLE:,} further fresh points. This trial's single test set gave "
-                f"{test.error:.4f}.</p>"
-                + image_html(figures["true_error"], "true error distribution")
-                + "<p>Coverage: the fraction of fresh test sets whose interval contains the true "
-                "error. A guaranteed method must reach its nominal level; approximate ones may not.</p>"
-                + table_html(
-                    cov_rows, ("method", "nominal", "coverage", "mean width", "sets", "guaranteed", "note")
-                )
-                + image_html(figures["coverage"], "coverage per method"),
-            )
-        )
-    if "decision_boundary" in figures:
-        sections.append(("Decision boundary", image_html(figures["decision_boundary"], "decision boundary")))
     prov = {
         "config hash": cfg.config_hash(),
         "split hash": split.split_hash,
@@ -275,5 +244,20 @@ def _trial_page(
         "training seed": cfg.training.seed,
         **provenance,
     }
-    sections.append(("Provenance", table_html(list(prov.items()), ("", ""))))
-    return html_page(title, sections)
+    page = TrialPage(
+        title=title,
+        confidence=cfg.bounds.confidence,
+        overview=overview,
+        classification=classification_rows(test),
+        intervals=tuple(err.intervals),
+        m=err.m,
+        sizes=sizes,
+        observed_error=max(test.error, 1e-3),
+        test_error=test.error,
+        truth=truth,
+        coverage=coverage,
+        true_error_sample=TRUE_ERROR_SAMPLE,
+        figures={name: figure(path) for name, path in figures.items()},
+        provenance=tuple(prov.items()),
+    )
+    return render("trial.html.j2", page=page)
