@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from pipeline import cli, journal
 from pipeline.storage import open_storage
 from tests.conftest import tiny_study
-from tests.test_rerun import write_tiny_toml
+from tests.ops.test_rerun import write_tiny_toml
 
 
 def _record(path, key: str) -> bytes:

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from pipeline import cli, journal, tracking
 from pipeline.storage import open_storage
-from tests.test_rerun import write_tiny_toml
+from tests.ops.test_rerun import write_tiny_toml
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Issue-5 pieces inside a study: the gradient check run, its gate, and the decision boundary."""
+"""The gradient check inside a study: its own MLflow run, the gate that stops a study whose backprop
+is wrong, and the decision-boundary figure of a 2-D study."""
 
 import dataclasses
 import json

@@ -8,9 +8,9 @@ import subprocess
 import pytest
 
 from pipeline import cli
-from tests.test_rerun import write_tiny_toml
-from tests.test_schedule import STAND_IN
-from tests.test_workers import postgres  # noqa: F401 - the module-scoped server fixture
+from tests.ops.test_rerun import write_tiny_toml
+from tests.ops.test_schedule import STAND_IN
+from tests.study.test_workers import postgres  # noqa: F401 - the module-scoped server fixture
 
 
 def _files(root):

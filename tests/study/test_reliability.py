@@ -30,7 +30,7 @@ from pipeline.storage import StudyError, open_storage, redact
 from pipeline.study.run import open_study, run_study
 from pipeline.study.trial import load_weights
 from tests.conftest import tiny_study
-from tests.test_workers import (
+from tests.study.test_workers import (
     FASHION,
     fast_study,
     load,

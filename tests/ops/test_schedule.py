@@ -24,7 +24,7 @@ from pipeline.ops.schedule import (
     on_calendar,
     parse_cron,
 )
-from tests.test_rerun import write_tiny_toml
+from tests.ops.test_rerun import write_tiny_toml
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 HAVE_CRON = IS_ROOT and shutil.which("crontab") and shutil.which("useradd") and shutil.which("userdel")
