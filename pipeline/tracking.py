@@ -68,15 +68,29 @@ def client(uri: str | None = None) -> MlflowClient:
 
 
 def store_error(exc: BaseException) -> str | None:
-    """One line describing ``exc`` when it is the tracking store failing (full, gone, refusing)."""
+    """One line describing ``exc`` when it is a store failing (full, gone, refusing): the MLflow
+    tracking store or Optuna's database storage, told apart by the code that raised it."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, (MlflowException, sqlalchemy.exc.SQLAlchemyError, requests.RequestException)):
             text = str(getattr(exc, "orig", None) or exc).strip().split("\n")[0]
-            return f"the MLflow tracking store failed: {type(exc).__name__}: {text[:300]}"
+            return f"the {_store_of(exc)} failed: {type(exc).__name__}: {text[:300]}"
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _store_of(exc: BaseException) -> str:
+    """Which store raised ``exc``: the outermost optuna or mlflow frame of its traceback."""
+    tb = exc.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_globals.get("__name__", "")
+        if name.startswith("optuna."):
+            return "Optuna storage"
+        if name.startswith("mlflow."):
+            return "MLflow tracking store"
+        tb = tb.tb_next
+    return "MLflow tracking store" if isinstance(exc, MlflowException) else "store"
 
 
 class TrackingUnreachable(UsageError):

@@ -242,9 +242,17 @@ def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 
 def _finish_parent(mlflow, parent: str, study: optuna.Study, status: str) -> None:
-    c = trial_counts(study)
-    metrics: dict[str, float] = {"n_complete": c.complete, "n_pruned": c.pruned, "n_failed": c.fail}
-    best = _best(study)
+    """The study-level metrics onto the parent run, then close it; closed even when the Optuna
+    storage cannot be read any more (a database that went away)."""
+    try:
+        c = trial_counts(study)
+        metrics: dict[str, float] = {"n_complete": c.complete, "n_pruned": c.pruned, "n_failed": c.fail}
+        best = _best(study)
+    except Exception as exc:
+        if tracking.store_error(exc) is None:
+            raise
+        mlflow.set_terminated(parent, "FAILED")
+        return
     if best is not None:
         metrics["best_val_acc"] = best.user_attrs.get("val_acc", best.value)
         metrics["best_trial_number"] = best.number

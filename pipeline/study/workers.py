@@ -21,6 +21,7 @@ import math
 import os
 import socket
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -153,6 +154,21 @@ class OneLineTrialFailure(logging.Filter):
 
 
 _ONE_LINE = OneLineTrialFailure()
+_THREAD_HOOK = threading.excepthook
+
+
+def _one_line_thread_error(args: threading.ExceptHookArgs) -> None:
+    """A store failing under Optuna's heartbeat thread: one line, not a traceback (the main thread
+    meets the same store and stops with its own line)."""
+    line = tracking.store_error(args.exc_value) if args.exc_value is not None else None
+    if line is None:
+        _THREAD_HOOK(args)
+    else:
+        name = args.thread.name if args.thread is not None else "a thread"
+        print(f"{name}: {line}", file=sys.stderr, flush=True)
+
+
+threading.excepthook = _one_line_thread_error
 
 
 logging.getLogger("optuna.study._optimize").addFilter(_ONE_LINE)
@@ -220,10 +236,22 @@ def optimize(
                     continue
                 study.optimize(run, n_trials=1)
             except (Exception, KeyboardInterrupt) as exc:
-                # interrupted (signal, Ctrl-C) or a disk error: the trial never got its chance
+                # interrupted (signal, Ctrl-C), a disk error or a store that stopped answering
                 stop = signal_in(exc) or (exc if isinstance(exc, StudyError) else None)
-                if stop is not None and "trial" in mine:
-                    _requeue(study, mine["trial"])
+                failed_store = tracking.store_error(exc) if stop is None else None
+                if stop is None and failed_store is None:
+                    raise
+                requeued = "trial" not in mine or _requeue(study, mine["trial"])
+                if failed_store is not None:  # Optuna's own storage went away (e.g. PostgreSQL stopped)
+                    which = f"trial {mine['trial']}: " if "trial" in mine else ""
+                    later = (
+                        ""
+                        if requeued
+                        else " The trial stays RUNNING until the database is back; its heartbeat then "
+                        "fails it and queues it again."
+                    )
+                    raise StudyError(f"{which}{failed_store}.{later} Fix the store, {RESUME}.") from exc
+                if "trial" in mine:
                     stop.trial = mine["trial"]  # for the exit message
                 raise
             finally:
@@ -264,11 +292,20 @@ def _trial(study: optuna.Study, number: int) -> FrozenTrial:
     return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
 
 
-def _requeue(study: optuna.Study, number: int) -> None:
-    """Queue an interrupted trial's params again, if it ended FAIL (not if it had finished)."""
-    trial = _trial(study, number)
-    if trial.state == TrialState.FAIL:
-        Retry()(study, trial)
+def _requeue(study: optuna.Study, number: int) -> bool:
+    """Queue an interrupted trial's params again, if it ended FAIL (not if it had finished).
+
+    False when the storage itself cannot be reached (the heartbeat retries the trial later).
+    """
+    try:
+        trial = _trial(study, number)
+        if trial.state == TrialState.FAIL:
+            Retry()(study, trial)
+    except Exception as exc:
+        if tracking.store_error(exc) is None:
+            raise
+        return False
+    return True
 
 
 def trial_line(trial: FrozenTrial, index: int | None = None) -> str:

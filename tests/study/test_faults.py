@@ -142,3 +142,36 @@ def test_two_first_runs_create_one_tracking_store_without_a_race(tmp_path):
 def test_a_folder_given_as_the_study_file_is_named_as_a_folder(project, capsys):
     assert cli.main(["check", str(project)]) == 2
     assert "is a folder, not a study file" in capsys.readouterr().err
+
+
+@pytest.mark.reliability
+def test_postgresql_stopping_mid_trial_is_one_line_and_closes_the_mlflow_runs(tmp_path):
+    from tests.postgres import postgres_server
+    from tests.study.test_workers import (
+        PG_BINDIR,
+        mid_trial,
+        start_worker,
+        trial_runs,
+        worker_env,
+        write_study,
+    )
+
+    if PG_BINDIR is None:
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    write_study(tmp_path, trials=1, training__epochs=5000)
+    with postgres_server(PG_BINDIR) as server:
+        url = server.create_database("stops")
+        env = worker_env(tmp_path, url, PIPELINE_HEARTBEAT_SECONDS="1")
+        proc = start_worker(tmp_path, env, "--index", "1", log="worker.log")
+        deadline = time.monotonic() + 240
+        while not mid_trial(url)() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / "worker.log").read_text()
+    # the server is gone (stopped with -m immediate) while the trial trains
+    assert proc.wait(timeout=120) == 2
+    log = (tmp_path / "worker.log").read_text()
+    assert "Traceback" not in log, log
+    assert "trial 0: the Optuna storage failed" in log and server.password not in log
+    runs, parents, _ = trial_runs(env["MLFLOW_TRACKING_URI"])
+    assert [r.info.status for r in runs] == ["FAILED"]  # the trial's MLflow run is closed
+    assert [p.info.status for p in parents] == ["FAILED"]  # and the study's parent run
