@@ -26,7 +26,7 @@ import sklearn
 import sqlalchemy
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from sqlalchemy.engine import make_url
@@ -142,20 +142,44 @@ def artifact_location(uri: str, name: str) -> str | None:
     return None  # a tracking server decides
 
 
-def experiment_id(mlflow: MlflowClient, name: str) -> str:
-    """The experiment named after the study, created on first use (never ``Default``)."""
+EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's UI opens such an experiment on its runs table
+
+
+def experiment_id(mlflow: MlflowClient, name: str, description: str = "") -> str:
+    """The experiment named after the study, created on first use (never ``Default``).
+
+    Tagged so that MLflow 3's UI opens it on the runs table (not the GenAI overview), with the
+    study file's ``description`` as the experiment's description.
+    """
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
         if found.lifecycle_stage == "deleted":
             mlflow.restore_experiment(found.experiment_id)
-        return found.experiment_id
-    try:
-        return mlflow.create_experiment(name, artifact_location(mlflow.tracking_uri, name))
-    except Exception:  # another worker created it first
-        found = mlflow.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
+        exp_id = found.experiment_id
+        tags = found.tags
+    else:
+        try:
+            exp_id = mlflow.create_experiment(name, artifact_location(mlflow.tracking_uri, name))
+        except Exception:  # another worker created it first
+            found = mlflow.get_experiment_by_name(name)
+            if found is None:
+                raise
+            exp_id = found.experiment_id
+        tags = {}
+    wanted = {"mlflow.experimentKind": EXPERIMENT_KIND}
+    if description:
+        wanted["mlflow.note.content"] = description
+    for key, value in wanted.items():
+        if tags.get(key) != value:
+            mlflow.set_experiment_tag(exp_id, key, value)
+    return exp_id
+
+
+def log_dataset(mlflow: MlflowClient, run_id: str, name: str, source: str, digest: str) -> None:
+    """The run's data as an MLflow dataset input: its name, where it came from, the split hash."""
+    dataset = Dataset(name=name, digest=digest[:36], source_type="local", source=source)
+    context = InputTag(key="mlflow.data.context", value="train/validation/test split")
+    mlflow.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset, tags=[context])])
 
 
 def provenance() -> dict[str, str]:

@@ -25,7 +25,7 @@ from pipeline.storage import StudyError, open_storage, preflight, redact, storag
 from pipeline.study import workers
 from pipeline.study.gate import GradcheckFailed, run_gradcheck
 from pipeline.study.population import optimize_population
-from pipeline.study.trial import TrialContext, progress_bar, run_trial
+from pipeline.study.trial import TrialContext, dataset_input, progress_bar, run_trial
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -135,7 +135,7 @@ def run_study(
             raise GradcheckFailed(f"{cfg.path}: gradient check failed, no trial run:\n{table}{reasons}")
     reports.mkdir(parents=True, exist_ok=True)
     mlflow = tracking.client(tracking_uri)
-    exp_id = tracking.experiment_id(mlflow, cfg.name)
+    exp_id = tracking.experiment_id(mlflow, cfg.name, cfg.description)
     prov = tracking.provenance()
     parent = tracking.study_run(
         mlflow,
@@ -152,6 +152,7 @@ def run_study(
         },
         params=_study_params(cfg),
     )
+    tracking.log_dataset(mlflow, parent, *dataset_input(cfg, split))
     ctx = TrialContext(
         cfg, split, mlflow, exp_id, parent, reports, prov, show_epochs=progress and cfg.training.epochs >= 20
     )

@@ -67,6 +67,25 @@ class TrialPlan:
     model: ModelConfig
 
 
+# the few keys beside the searched params that a comparison across trial runs needs
+COMPARED = (
+    "training.epochs",
+    "training.batch_size",
+    "training.seed",
+    "training.population",
+    "dataset.source",
+    "dataset.classes",
+    "model.hidden",
+    "model.activation",
+)
+
+
+def dataset_input(cfg: StudyConfig, split: Split) -> tuple[str, str, str]:
+    """(name, source, digest) of the study's data for MLflow's dataset inputs."""
+    name = f"{cfg.dataset.source}:{'-vs-'.join(split.classes)}"
+    return name, split.source, split.split_hash
+
+
 def begin_trial(trial: optuna.Trial, ctx: TrialContext) -> TrialPlan:
     """Suggest the trial's params and open its nested MLflow run with params and provenance."""
     cfg = ctx.cfg
@@ -82,14 +101,12 @@ def begin_trial(trial: optuna.Trial, ctx: TrialContext) -> TrialPlan:
     name = f"trial-{trial.number:04d}"
     run_id = tracking.trial_run(ctx.mlflow, ctx.experiment_id, ctx.parent_run_id, name, tags)
     trial.set_user_attr("mlflow_run_id", run_id)
-    resolved = {**cfg.to_dict(), "model": dataclasses.asdict(model_cfg)}
-    resolved.pop("search")
-    tracking.log(
-        ctx.mlflow,
-        run_id,
-        params={**tracking.flatten(resolved), **params},
-        metrics={"trial_number": trial.number},
+    resolved = tracking.flatten({**cfg.to_dict(), "model": dataclasses.asdict(model_cfg)})
+    compared = {key: resolved[key] for key in COMPARED if key in resolved}  # the study's constants
+    tracking.log(  # are on the parent run: a trial run holds what tells it apart, and what compares it
+        ctx.mlflow, run_id, params={**compared, **params}, metrics={"trial_number": trial.number}
     )
+    tracking.log_dataset(ctx.mlflow, run_id, *dataset_input(cfg, ctx.split))
     return TrialPlan(run_id, params, hyper, model_cfg)
 
 

@@ -141,3 +141,30 @@ def test_default_storage_is_a_journal_file_per_study(monkeypatch):
     assert storage_spec(tiny_study()) == "storage/tiny.journal"
     monkeypatch.setenv("OPTUNA_STORAGE", "postgresql+psycopg://u:secret@h/db")
     assert storage_spec(tiny_study()).startswith("postgresql")
+
+
+def test_mlflow_sees_a_model_experiment_its_description_the_data_and_lean_trial_runs(workspace):
+    from mlflow import MlflowClient
+
+    from pipeline.study.trial import COMPARED
+
+    cfg = tiny_study(trials=2, description="Pullover vs Coat, <b>first look</b>")
+    workspace.run(cfg)
+    client = MlflowClient(workspace["tracking_uri"])
+    exp = client.get_experiment_by_name("tiny")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the runs table, not GenAI
+    assert exp.tags["mlflow.note.content"] == cfg.description
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags["pipeline_role"] == "study")
+    trials = [r for r in runs if r.data.tags["pipeline_role"] == "trial"]
+    assert len(parent.data.params) > 25  # the whole configuration lives on the parent run
+    for run in trials:
+        assert set(run.data.params) == set(cfg.search) | set(COMPARED)
+        assert len(run.data.params) == len(cfg.search) + len(COMPARED) < 15
+        assert run.data.tags["config_hash"] == cfg.config_hash()
+    split_hash = parent.data.tags["split_hash"]
+    for run in [parent, *trials]:
+        inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+        assert [(d.dataset.name, d.dataset.digest) for d in inputs] == [
+            ("gmm:class 0-vs-class 1", split_hash[:36])
+        ]
