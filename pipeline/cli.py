@@ -105,6 +105,9 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     outcome = run_study(cfg, storage=args.storage, tracking_uri=args.tracking_uri)
+    if outcome.complete_message is not None:
+        print(outcome.complete_message)
+        return 0
     print(
         f"study {outcome.name}: {outcome.n_complete} complete, {outcome.n_pruned} pruned, "
         f"{outcome.n_failed} failed"

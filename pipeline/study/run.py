@@ -25,7 +25,8 @@ from pipeline.storage import StudyError, open_storage, preflight, redact, storag
 from pipeline.study import workers
 from pipeline.study.gate import GradcheckFailed, run_gradcheck
 from pipeline.study.population import optimize_population
-from pipeline.study.trial import TrialContext, dataset_input, progress_bar, run_trial
+from pipeline.study.progress import Watch
+from pipeline.study.trial import TrialContext, dataset_input, run_trial
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -41,6 +42,16 @@ class StudyOutcome:
     reports: Path
     parent_run_id: str
     page: Path | None = None  # the study page, reports/<study>/index.html, when it was written
+    target: int = 0  # the study's trial target
+    ran: int = 0  # trials this call finished (0: the study was already complete)
+
+    @property
+    def complete_message(self) -> str | None:
+        """What to say when there was nothing left to run."""
+        done = self.n_complete + self.n_pruned
+        if self.ran or done < self.target:
+            return None
+        return f"study {self.name} is complete: {done}/{self.target} trials; raise --trials to continue"
 
 
 def make_sampler(cfg: StudyConfig, n_existing: int, worker: int = 0) -> optuna.samplers.BaseSampler:
@@ -153,21 +164,20 @@ def run_study(
         params=_study_params(cfg),
     )
     tracking.log_dataset(mlflow, parent, *dataset_input(cfg, split))
-    ctx = TrialContext(
-        cfg, split, mlflow, exp_id, parent, reports, prov, show_epochs=progress and cfg.training.epochs >= 20
-    )
+    ctx = TrialContext(cfg, split, mlflow, exp_id, parent, reports, prov, show_epochs=progress)
     done = trial_counts(study).finished
-    remaining = max(0, cfg.trials - done)
-    bar = progress_bar(remaining, cfg.name, progress)
+    watch = Watch(
+        study, cfg.objective, cfg.trials, done, terminal=progress and not create_only, worker=worker
+    )
 
     # one study page per study, not per worker: written by the worker whose trial completed the study
     last = {"page": worker is None}
 
     def on_trial(trial: optuna.trial.FrozenTrial) -> None:
-        bar.update(1)
+        finished = trial_counts(study).finished
+        watch.trial_done(trial, finished)
         if worker is not None:
-            workers.print_err(workers.trial_line(trial, worker))
-            last["page"] = trial_counts(study).finished >= cfg.trials
+            last["page"] = finished >= cfg.trials
 
     # every folder a trial writes to: the journal's, the MLflow store's, the reports
     outputs = [reports] + ([Path(spec).parent] if "://" not in spec else [])
@@ -202,7 +212,7 @@ def run_study(
             )
         status = "FINISHED"
     finally:
-        bar.close()
+        watch.close()
         try:
             _finish_parent(mlflow, parent, study, status)
         except Exception as exc:  # the store failed too: the error already on its way is the one to show
@@ -225,6 +235,8 @@ def run_study(
         reports,
         parent,
         page,
+        cfg.trials,
+        watch.ran,
     )
 
 

@@ -14,7 +14,6 @@ import dataclasses
 import math
 import pickle
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,6 @@ from typing import Any
 
 import optuna
 import torch
-from tqdm.auto import tqdm
 
 from pipeline import tracking
 from pipeline.config import ModelConfig, StudyConfig
@@ -31,6 +29,7 @@ from pipeline.evaluate import evaluate
 from pipeline.model import build_mlp
 from pipeline.report.trial import TrialArtifacts, bounds_and_report
 from pipeline.storage import StudyError
+from pipeline.study.progress import epoch_bar
 from pipeline.train import DTYPES, EpochRecord, Hyper, TrainResult, train, trial_setup
 
 
@@ -141,7 +140,7 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float:
     try:
         model = build_model(ctx, plan)
         buffer = tracking.MetricBuffer(ctx.mlflow, plan.run_id)
-        bar = progress_bar(ctx.cfg.training.epochs, f"trial {trial.number}", ctx.show_epochs, leave=False)
+        bar = epoch_bar(ctx.cfg.training.epochs, f"trial {trial.number}", ctx.show_epochs)
         try:
             result = train(
                 model, ctx.split, plan.hyper, ctx.cfg.training, epoch_callback(trial, ctx, buffer, bar)
@@ -263,7 +262,3 @@ def load_weights(path: str | Path, model: torch.nn.Module | None = None) -> dict
     if model is not None:
         model.load_state_dict(state)
     return state
-
-
-def progress_bar(total: int, desc: str, enabled: bool, leave: bool = True):
-    return tqdm(total=total, desc=desc, leave=leave, disable=not enabled, file=sys.stderr)

@@ -306,17 +306,3 @@ def _requeue(study: optuna.Study, number: int) -> bool:
             raise
         return False
     return True
-
-
-def trial_line(trial: FrozenTrial, index: int | None = None) -> str:
-    """One line per finished trial, for workers' logs."""
-    who = f"worker {index} " if index is not None else ""
-    value = "" if trial.value is None else f" value={trial.value:.4f}"
-    reason = trial.user_attrs.get("reason")
-    return f"{who}(pid {os.getpid()}): trial {trial.number} {trial.state.name}{value}" + (
-        f" ({reason})" if reason else ""
-    )
-
-
-def print_err(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
