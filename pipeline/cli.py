@@ -38,6 +38,13 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _where_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study_file", type=Path, metavar="STUDY.toml", help="study file, e.g. studies/demo.toml")
+    p.add_argument("--name", help="study name (overrides the file)")
+    p.add_argument("--storage", help="Optuna storage (default $OPTUNA_STORAGE, else storage/<name>.journal)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else mlruns/)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline", description="MLflow-tracked Optuna hyperparameter studies."
@@ -60,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         "run it once before starting workers",
     )
     p.add_argument("--index", type=int, help="this worker's number, varies the sampler seed (default: pid)")
+    p = sub.add_parser("best", help="the selected trial: params, objective, test error, report and weights")
+    _where_args(p)
+    p = sub.add_parser("studies", help="list every study in storage/ (and in --storage)")
+    p.add_argument("--storage", help="also list the studies in this storage (a journal file or database URL)")
+    p = sub.add_parser("delete", help="remove a study's storage, MLflow experiment and reports (needs --yes)")
+    _where_args(p)
+    p.add_argument("--yes", action="store_true", help="really remove them (without: say what would go)")
     p = sub.add_parser("check", help="validate a study file and print the resolved configuration")
     p.add_argument("study_file", type=Path, metavar="STUDY.toml")
     p = sub.add_parser(
@@ -181,6 +195,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_best(args: argparse.Namespace) -> int:
+    from pipeline.ops.manage import best_main  # lazy: start-up stays light
+
+    return best_main(_load(args), args.storage, args.tracking_uri)
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    from pipeline.ops.manage import studies_main  # lazy: start-up stays light
+
+    return studies_main(args.storage or os.environ.get("OPTUNA_STORAGE"))
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from pipeline.ops.manage import delete_main  # lazy: start-up stays light
+
+    return delete_main(_load(args), args.storage, args.tracking_uri, args.yes)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline import tracking  # lazy: start-up stays light
     from pipeline.bench.run import format_table, run_bench, write_reports  # lazy: start-up stays light
@@ -214,6 +246,9 @@ COMMANDS = {
     "schedule": cmd_schedule,
     "report": cmd_report,
     "bench": cmd_bench,
+    "best": cmd_best,
+    "studies": cmd_studies,
+    "delete": cmd_delete,
 }
 
 

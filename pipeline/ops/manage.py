@@ -1,0 +1,160 @@
+"""Study management: the winner (``best``), every study on disk (``studies``), and ``delete``.
+
+``best`` reads the selection the study page makes (``report.study_summary.ranked_trials``: best by
+the validation objective, never by test) and says where its report and weights are. ``delete``
+removes a study's Optuna storage, its MLflow experiment (the way MLflow deletes: recoverable
+with ``mlflow experiments restore``) and its reports folder, and only with ``--yes``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import sys
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from pipeline import tracking
+from pipeline.config import StudyConfig
+from pipeline.report.study_summary import ranked_trials
+from pipeline.storage import DEFAULT_STORAGE_DIR, StudyError, open_storage, redact, storage_spec, trial_counts
+
+
+def load(cfg: StudyConfig, storage: str | None = None) -> tuple[optuna.Study, str]:
+    """The study of ``cfg`` in its storage, or one clear error."""
+    spec = storage_spec(cfg, storage)
+    if "://" not in spec and not Path(spec).is_file():
+        raise StudyError(f"{cfg.path}: no Optuna storage at {spec}; run `pipeline study {cfg.path}` first")
+    try:
+        return optuna.load_study(study_name=cfg.name, storage=open_storage(spec)), spec
+    except KeyError:
+        raise StudyError(f"{cfg.path}: no study named {cfg.name!r} in {redact(spec)}") from None
+
+
+def _weights(mlflow, run_id: str | None) -> str:
+    """Where the trial's model.pt is: a local path for a file artifact store, else its URI."""
+    if not run_id:
+        return "— (no MLflow run recorded)"
+    try:
+        root = mlflow.get_run(run_id).info.artifact_uri
+    except Exception:  # the run was deleted from MLflow
+        return f"— (MLflow run {run_id} not found)"
+    uri = f"{root.rstrip('/')}/model.pt"
+    parsed = urllib.parse.urlparse(uri)
+    return urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else uri
+
+
+def best_main(cfg: StudyConfig, storage: str | None, tracking_uri: str | None) -> int:
+    """``pipeline best``: the selected trial, its numbers and where its files are."""
+    study, _ = load(cfg, storage)
+    ranked = ranked_trials(study)
+    if not ranked:
+        raise StudyError(f"{cfg.path}: study {cfg.name!r} has no complete trial yet")
+    top = ranked[0]
+    attrs = top.user_attrs
+    confidence = cfg.bounds.confidence
+    print(f"selected trial {top.number} of study {cfg.name} (best {cfg.objective} on validation)")
+    for key, value in top.params.items():
+        print(f"  {key} = {value!r}")
+    print(f"  {cfg.objective} = {top.value:.4f}")
+    if "test_error" in attrs:
+        low, high = attrs.get("test_error_clopper_pearson_low"), attrs.get("test_error_clopper_pearson_high")
+        interval = f", {confidence:.0%} Clopper–Pearson [{low:.4f}, {high:.4f}]" if low is not None else ""
+        print(f"  test_error = {attrs['test_error']:.4f}{interval}")
+    print(f"  report: {attrs.get('report', '— (none recorded)')}")
+    mlflow = tracking.client(tracking_uri)
+    print(f"  weights: {_weights(mlflow, attrs.get('mlflow_run_id'))}  (pipeline.study.trial.load_weights)")
+    print(f"  MLflow run: {attrs.get('mlflow_run_id', '—')}")
+    return 0
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    name: str
+    finished: int
+    failed: int
+    best: float | None
+    updated: str
+    storage: str
+
+
+def list_studies(specs: list[str]) -> list[StudyRow]:
+    """Every study in the given storages (journal files or database URLs)."""
+    rows = []
+    for spec in specs:
+        storage = open_storage(spec)
+        for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+            study = optuna.load_study(study_name=summary.study_name, storage=storage)
+            counts = trial_counts(study)
+            try:
+                best = study.best_value
+            except ValueError:
+                best = None
+            stamps = [t.datetime_complete for t in study.get_trials(deepcopy=False) if t.datetime_complete]
+            updated = max(stamps).isoformat(sep=" ", timespec="seconds") if stamps else "—"
+            rows.append(
+                StudyRow(summary.study_name, counts.finished, counts.fail, best, updated, redact(spec))
+            )
+    return sorted(rows, key=lambda r: (r.name, r.storage))
+
+
+def studies_main(storage: str | None) -> int:
+    """``pipeline studies``: every study in storage/ (and in --storage / $OPTUNA_STORAGE)."""
+    specs = (
+        sorted(str(p) for p in DEFAULT_STORAGE_DIR.glob("*.journal")) if DEFAULT_STORAGE_DIR.is_dir() else []
+    )
+    if storage:
+        specs.append(storage)
+    rows = list_studies(specs)
+    if not rows:
+        print("no studies found in storage/ (run `pipeline study studies/demo.toml`)", file=sys.stderr)
+        return 0
+    print("study\tfinished\tfailed\tbest\tlast update\tstorage")
+    for r in rows:
+        best = f"{r.best:.4f}" if r.best is not None else "—"
+        print(f"{r.name}\t{r.finished}\t{r.failed}\t{best}\t{r.updated}\t{r.storage}")
+    return 0
+
+
+def delete_main(
+    cfg: StudyConfig,
+    storage: str | None,
+    tracking_uri: str | None,
+    yes: bool,
+    reports_root: Path = Path("reports"),
+) -> int:
+    """``pipeline delete``: say what would go (exit 2), or with ``--yes`` remove it (exit 0)."""
+    study, spec = load(cfg, storage)
+    mlflow = tracking.client(tracking_uri)
+    experiment = mlflow.get_experiment_by_name(cfg.name)
+    folder = reports_root / cfg.name
+    journal_only_this = "://" not in spec and [
+        s.study_name for s in optuna.get_all_study_summaries(study._storage, include_best_trial=False)
+    ] == [cfg.name]
+    what = [
+        f"Optuna study {cfg.name!r} in {redact(spec)}" + (" (the journal file)" if journal_only_this else ""),
+        f"MLflow experiment {cfg.name!r} (id {experiment.experiment_id})" if experiment else None,
+        f"reports folder {folder}/" if folder.exists() else None,
+    ]
+    what = [w for w in what if w]
+    if not yes:
+        print(
+            "would remove:\n  " + "\n  ".join(what) + "\nrun again with --yes to remove them", file=sys.stderr
+        )
+        return 2
+    if journal_only_this:
+        del study
+        for path in Path(spec).parent.glob(f"{Path(spec).name}*"):  # the journal, its locks
+            path.unlink(missing_ok=True)
+    else:
+        optuna.delete_study(study_name=cfg.name, storage=open_storage(spec))
+    if experiment is not None:  # renamed first, so that a new study of this name starts afresh
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+        mlflow.rename_experiment(experiment.experiment_id, f"{cfg.name}-deleted-{stamp}")
+        mlflow.delete_experiment(experiment.experiment_id)
+    shutil.rmtree(folder, ignore_errors=True)
+    print("removed:\n  " + "\n  ".join(what))
+    return 0

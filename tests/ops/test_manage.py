@@ -1,0 +1,67 @@
+"""``best``, ``studies`` and ``delete`` on a temporary workspace. Oracles: Optuna's storage (the
+selection), the weights themselves re-tested on the split, MLflow's store, the file system."""
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import cli
+from pipeline.config import load_study
+from pipeline.data import load_split
+from pipeline.evaluate import evaluate
+from pipeline.model import build_mlp
+from pipeline.storage import open_storage
+from pipeline.study.trial import load_weights
+from tests.ops.test_rerun import write_tiny_toml
+
+
+@pytest.fixture
+def project(workspace, monkeypatch):
+    monkeypatch.chdir(workspace["root"])
+    write_tiny_toml(workspace["root"] / "tiny.toml", trials=3)
+    workspace["args"] = ["--storage", workspace["storage"], "--tracking-uri", workspace["tracking_uri"]]
+    assert cli.main(["study", "tiny.toml", *workspace["args"]]) == 0
+    return workspace
+
+
+def test_best_names_the_validation_winner_and_weights_that_retest_to_its_error(project, capsys):
+    capsys.readouterr()
+    assert cli.main(["best", "tiny.toml", *project["args"]]) == 0
+    out = capsys.readouterr().out
+    study = optuna.load_study(study_name="tiny", storage=open_storage(project["storage"]))
+    winner = max(study.trials, key=lambda t: (t.value, -t.number))  # best val_acc, earliest of ties
+    assert out.startswith(f"selected trial {winner.number} of study tiny")
+    assert f"val_acc = {winner.value:.4f}" in out
+    assert f"test_error = {winner.user_attrs['test_error']:.4f}" in out
+    weights = next(
+        line.split("weights: ")[1].split("  ")[0] for line in out.splitlines() if "weights: " in line
+    )
+    cfg = load_study("tiny.toml")
+    split = load_split(cfg.dataset)
+    model = build_mlp(split.input_dim, cfg.model.hidden, cfg.model.activation, seed=0)
+    load_weights(weights, model)
+    test = evaluate(model, split.x_test, split.y_test, split.classes, cfg.training.loss)
+    assert test.error == winner.user_attrs["test_error"]  # the same errors, to the last count
+
+
+def test_studies_lists_and_delete_asks_then_removes_everything(project, capsys, monkeypatch):
+    capsys.readouterr()
+    assert cli.main(["studies", "--storage", project["storage"]]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    assert rows[0][:4] == ["study", "finished", "failed", "best"] and rows[1][:3] == ["tiny", "3", "0"]
+
+    journal = project["root"] / "storage" / "study.journal"
+    reports = project["root"] / "reports" / "tiny"
+    assert cli.main(["delete", "tiny.toml", *project["args"]]) == 2  # no --yes: nothing goes
+    assert "would remove" in capsys.readouterr().err
+    assert journal.exists() and reports.exists()
+    client = MlflowClient(project["tracking_uri"])
+    assert client.get_experiment_by_name("tiny") is not None
+
+    assert cli.main(["delete", "tiny.toml", *project["args"], "--yes"]) == 0
+    assert not journal.exists() and not reports.exists()
+    assert client.get_experiment_by_name("tiny") is None
+    assert [e for e in client.search_experiments(view_type=2) if e.name.startswith("tiny-deleted-")]
+    assert cli.main(["study", "tiny.toml", *project["args"], "--trials", "1"]) == 0  # a fresh start
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert len([r for r in runs if r.data.tags["pipeline_role"] == "trial"]) == 1
