@@ -346,7 +346,7 @@ def test_lock_concurrent_reruns_and_a_killed_holder(project, capsys):
             "with study_lock(Path(sys.argv[1])):\n    time.sleep(600)\n",
             str(folder),
         ],
-        cwd=Path(__file__).parents[1],
+        cwd=Path(__file__).parents[2],
     )
     try:
         _wait_for_lock(folder, holder, holder.pid)

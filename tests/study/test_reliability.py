@@ -350,7 +350,7 @@ def test_load_weights_reads_a_state_dict_and_refuses_a_pickle_that_runs_code(tmp
 
 def test_mlflow_ui_and_server_commands_bind_to_localhost():
     """Every ``mlflow ui``/``mlflow server`` command in the Makefile and the README's code blocks."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     recipes = [line for line in (root / "Makefile").read_text().splitlines() if line.startswith("\t")]
     blocks = re.findall(r"^```[a-z]*\n(.*?)^```", (root / "README.md").read_text(), re.S | re.M)
     lines = recipes + [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]

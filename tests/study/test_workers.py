@@ -305,7 +305,7 @@ def test_a_worker_id_tells_live_dead_reused_and_foreign_processes_apart():
 @pytest.mark.reliability
 def test_ctrl_c_to_make_workers_leaves_no_worker_and_requeues_their_trials(tmp_path):
     """SIGINT to the process group of ``make workers`` (what Ctrl-C in a terminal sends)."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     for name in ("Makefile", "pyproject.toml", ".venv"):  # the project's Makefile, run in tmp_path
         (tmp_path / name).symlink_to(repo / name)
     spec = str(tmp_path / "storage" / "tiny.journal")
