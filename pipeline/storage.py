@@ -15,6 +15,7 @@ import copy
 import errno
 import fcntl
 import hashlib
+import math
 import os
 import sys
 import tempfile
@@ -69,6 +70,33 @@ def trial_counts(study: optuna.Study) -> TrialCounts:
     for trial in study.get_trials(deepcopy=False):
         found[trial.state.name.lower()] += 1
     return TrialCounts(**found)
+
+
+TIE = 1e-12  # objectives closer than this are a tie
+
+
+def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The one selection rule: complete trials, best first, by validation only (never by test).
+
+    Best objective first; a tie (within ``TIE``) goes to the lower final validation loss, then to
+    the smaller trial number. Optuna's ``best_trial`` is not used: it keeps the earliest of tied
+    trials on the journal and has no defined order on a database storage.
+    """
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    ranked = sorted(complete, key=lambda t: (sign * t.value, t.number))
+    groups: list[list[FrozenTrial]] = []  # runs of values within TIE of the run's first (best) one
+    for trial in ranked:
+        if groups and abs(trial.value - groups[-1][0].value) <= TIE:
+            groups[-1].append(trial)
+        else:
+            groups.append([trial])
+
+    def loss(trial: FrozenTrial) -> float:
+        value = trial.user_attrs.get("val_loss")
+        return value if isinstance(value, float) and math.isfinite(value) else math.inf
+
+    return [t for group in groups for t in sorted(group, key=lambda t: (loss(t), t.number))]
 
 
 def storage_spec(cfg: StudyConfig, explicit: str | None = None) -> str:

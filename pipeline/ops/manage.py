@@ -19,8 +19,15 @@ import optuna
 
 from pipeline import tracking
 from pipeline.config import StudyConfig
-from pipeline.report.study_summary import ranked_trials
-from pipeline.storage import DEFAULT_STORAGE_DIR, StudyError, open_storage, redact, storage_spec, trial_counts
+from pipeline.storage import (
+    DEFAULT_STORAGE_DIR,
+    StudyError,
+    open_storage,
+    ranked_trials,
+    redact,
+    storage_spec,
+    trial_counts,
+)
 
 
 def load(cfg: StudyConfig, storage: str | None = None) -> tuple[optuna.Study, str]:
@@ -89,10 +96,8 @@ def list_studies(specs: list[str]) -> list[StudyRow]:
         for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
             study = optuna.load_study(study_name=summary.study_name, storage=storage)
             counts = trial_counts(study)
-            try:
-                best = study.best_value
-            except ValueError:
-                best = None
+            ranked = ranked_trials(study)
+            best = ranked[0].value if ranked else None
             stamps = [t.datetime_complete for t in study.get_trials(deepcopy=False) if t.datetime_complete]
             updated = max(stamps).isoformat(sep=" ", timespec="seconds") if stamps else "—"
             rows.append(

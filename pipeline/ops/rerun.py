@@ -58,7 +58,7 @@ from pipeline.report.reruns import (
 )
 from pipeline.report.study_page import regenerate
 from pipeline.signals import signal_in, stop_on_signals
-from pipeline.storage import StudyError, open_storage, redact, storage_spec
+from pipeline.storage import StudyError, open_storage, ranked_trials, redact, storage_spec
 from pipeline.study.run import run_study
 
 EXIT_OK = 0  # ran; no drift (or the first rerun: nothing to compare with)
@@ -169,10 +169,10 @@ def _rerun(cfg, folder, storage, tracking_uri, reports_root, trials, progress, n
         outcome.n_failed,
         new_trials,
     )
-    try:
-        best = study.best_trial  # by the validation objective: the test set never selects
-    except ValueError:
-        raise RerunError(f"study {cfg.name!r} has no completed trial to retrain") from None
+    ranked = ranked_trials(study)  # the one selection rule: by validation, never by test
+    if not ranked:
+        raise RerunError(f"study {cfg.name!r} has no completed trial to retrain")
+    best = ranked[0]
 
     # (2) retrain the selection with the fixed rerun seeds
     split = load_split(cfg.dataset)

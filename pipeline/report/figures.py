@@ -34,7 +34,8 @@ from pipeline.compare import bonferroni_clopper_pearson
 from pipeline.data import Split
 from pipeline.evaluate import Evaluation, predict_logits
 from pipeline.files import save_figure
-from pipeline.report.study_summary import StudySummary, TrialOutputs, ranked_trials
+from pipeline.report.study_summary import StudySummary, TrialOutputs
+from pipeline.storage import ranked_trials
 from pipeline.train import EpochRecord
 
 

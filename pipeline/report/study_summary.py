@@ -27,7 +27,7 @@ from pipeline.compare import (
     union_hoeffding_epsilon,
 )
 from pipeline.config import StudyConfig
-from pipeline.storage import trial_counts
+from pipeline.storage import ranked_trials, trial_counts
 
 STATE_NAMES = {
     TrialState.COMPLETE: "complete",
@@ -136,20 +136,6 @@ def trials_frame(
     columns += ["test_error", "test_error_clopper_pearson_low", "test_error_clopper_pearson_high"]
     frame = pd.DataFrame(rows, columns=[*columns, "duration_s", "report"])
     return frame.astype({"number": "int64", "epochs_run": "Int64"})
-
-
-def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Complete trials best first by the objective (validation only), ties in trial order.
-
-    Optuna's own best trial leads, so the page agrees with the parent run's ``best_trial_number``.
-    """
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
-    ranked = sorted(complete, key=lambda t: (sign * t.value, t.number))
-    if ranked:
-        best = study.best_trial
-        ranked.sort(key=lambda t: t.number != best.number)  # stable: only moves the best first
-    return ranked
 
 
 def load_outputs(

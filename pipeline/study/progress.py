@@ -19,6 +19,8 @@ import optuna
 from optuna.trial import FrozenTrial
 from tqdm.auto import tqdm
 
+from pipeline.storage import ranked_trials
+
 EPOCH_BAR_DELAY = 2.0  # seconds a trial runs before its epoch bar appears
 
 
@@ -62,10 +64,8 @@ class Watch:
         )
 
     def _best(self) -> FrozenTrial | None:
-        try:
-            return self.study.best_trial
-        except ValueError:
-            return None
+        ranked = ranked_trials(self.study)
+        return ranked[0] if ranked else None
 
     def line(self, trial: FrozenTrial) -> str:
         """One line for a finished trial (the log format without a terminal)."""
