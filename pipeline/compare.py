@@ -1,6 +1,6 @@
 """Paired statistics: two models on the same test points, and N models read side by side.
 
-- ``compare_paired``: the exact McNemar test with Newcombe's paired-difference interval and a
+- ``compare_paired``: the exact McNemar test with the interval that inverts it and a
   verdict; ``smallest_resolvable_difference`` says what the test set can resolve.
 - ``union_hoeffding_epsilon`` / ``bonferroni_clopper_pearson``: simultaneous bounds, valid for all
   N test errors at once (picking the best of N on one set is optimistic: Cawley & Talbot 2010).
@@ -26,7 +26,7 @@ class PairedComparison:
     table: np.ndarray  # 2×2 counts; rows A wrong / right, columns B wrong / right
     p_value: float  # exact two-sided McNemar
     difference: float  # error(A) − error(B); negative means A makes fewer errors
-    low: float  # Newcombe interval for the difference
+    low: float  # exact interval for the difference (inverts the McNemar test)
     high: float
     confidence: float
     verdict: str  # "better" | "worse" | "indistinguishable at this test size"
@@ -76,14 +76,34 @@ def paired_difference_interval(table: np.ndarray, confidence: float) -> tuple[fl
     return max(-1.0, low), min(1.0, high)
 
 
+def exact_difference_interval(table: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The interval that inverts the exact McNemar test: for error(A) − error(B) given the n_d
+    test points on which the two disagree.
+
+    Given n_d, the b points where only A errs are Binomial(n_d, π) and the difference is
+    n_d (2π − 1) / m; the Clopper–Pearson interval for π (each tail δ/2) maps to the difference.
+    It excludes 0 exactly when the two-sided McNemar p-value (doubled tail) is at most δ, so the
+    verdict and the interval shown can never disagree (they can with Newcombe's interval).
+    """
+    t = np.asarray(table, dtype=np.int64)
+    m, b, c = int(t.sum()), int(t[0, 1]), int(t[1, 0])
+    n_d = b + c
+    if n_d == 0:
+        return 0.0, 0.0
+    low, high = stats.binomtest(b, n_d).proportion_ci(confidence, method="exact")
+    return n_d * (2 * float(low) - 1) / m, n_d * (2 * float(high) - 1) / m
+
+
 def compare_paired(errors_a: np.ndarray, errors_b: np.ndarray, confidence: float) -> PairedComparison:
-    """Exact McNemar test, Newcombe interval and a verdict at level δ = 1 − confidence."""
+    """Exact McNemar test, the interval that inverts it, and the verdict that interval gives."""
     table = paired_table(errors_a, errors_b)
     p_value = float(mcnemar(table, exact=True).pvalue)
-    low, high = paired_difference_interval(table, confidence)
+    low, high = exact_difference_interval(table, confidence)
     difference = float(table[0, 1] - table[1, 0]) / table.sum()
-    if p_value <= 1 - confidence:
-        verdict = "better" if difference < 0 else "worse"
+    if high < 0:
+        verdict = "better"
+    elif low > 0:
+        verdict = "worse"
     else:
         verdict = "indistinguishable at this test size"
     return PairedComparison(table, p_value, difference, low, high, confidence, verdict)
