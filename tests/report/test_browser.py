@@ -95,3 +95,45 @@ def test_chromium_renders_the_study_page_and_a_trial_report_with_every_image(pag
         assert image.size == (1200, 2400)
         inked = sum(count for value, count in enumerate(image.histogram()) if value < 200)
         assert inked / (image.width * image.height) > 0.02, f"{page} rendered (almost) blank"
+
+
+# After the load event, how far right the last trial's report link ends, against the viewport.
+WIDTH_PROBE = (
+    "<script>window.addEventListener('load', () => { const links = [...document.querySelectorAll("
+    "'table.dataframe a')]; const r = links[links.length - 1].getBoundingClientRect(); "
+    "document.body.setAttribute('data-link-right', String(r.right)); "
+    "document.body.setAttribute('data-viewport', String(window.innerWidth)); });</script>"
+)
+
+
+@pytest.mark.slow
+def test_at_1280_px_every_trials_column_and_the_last_report_link_are_in_view(
+    workspace, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("pipeline.report.trial.TRUE_ERROR_SAMPLE", 100_000)
+    cfg = tiny_study(trials=3)
+    real = __import__("pipeline.study.trial", fromlist=["build_model"]).build_model
+    calls = {"n": 0}
+
+    def first_fails(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("the data loader gave up after reading a corrupted batch " * 4)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("pipeline.study.trial.build_model", first_fails)
+    with pytest.raises(RuntimeError):
+        workspace.run(cfg)
+    outcome = workspace.run(cfg)
+    page = outcome.page
+    source = page.read_text(encoding="utf-8")
+    assert "the data loader gave up" in source  # the failed trial's reason is on the page
+    probe = page.with_name(".probe-width.html")
+    probe.write_text(source.replace("</body>", WIDTH_PROBE + "</body>"), encoding="utf-8")
+    try:
+        dom = _chromium(tmp_path, "--window-size=1280,900", "--dump-dom", probe.as_uri()).stdout
+    finally:
+        probe.unlink()
+    right = float(re.search(r'data-link-right="([0-9.]+)"', dom).group(1))
+    viewport = float(re.search(r'data-viewport="([0-9.]+)"', dom).group(1))
+    assert viewport == 1280 and 0 < right <= viewport
