@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny synthetic study whose stores and reports live in a temporary folder."""
 
 import logging
+import subprocess
+import uuid
 import warnings
 
 import optuna
@@ -68,3 +70,27 @@ def workspace(tmp_path, monkeypatch):
         reports_root=tmp_path / "reports",
         root=tmp_path,
     )
+
+
+@pytest.fixture
+def make_tmpfs(tmp_path):
+    """``make_tmpfs(mb)``: a real tmpfs of that size under tmp_path, unmounted after the test.
+
+    Mounting needs root (CI runs as root); elsewhere the test is skipped, with the reason.
+    """
+    mounts = []
+
+    def make(mb: int):
+        mount = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
+        mount.mkdir()
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={mb}m", "tmpfs", str(mount)], capture_output=True
+        )
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+        mounts.append(mount)
+        return mount
+
+    yield make
+    for mount in mounts:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -5,8 +5,6 @@ kept aside, and a real tmpfs that runs out of space."""
 import json
 import os
 import shutil
-import subprocess
-import uuid
 
 import optuna
 import pytest
@@ -65,15 +63,9 @@ def test_a_last_record_cut_short_is_dropped(workspace):
 
 
 @pytest.fixture
-def tmpfs(tmp_path):
+def tmpfs(make_tmpfs):
     """A 4 MB tmpfs (root only: CI runs as root)."""
-    mount = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    return make_tmpfs(4)
 
 
 def test_a_nearly_full_disk_stops_the_study_before_a_trial_and_loses_nothing(

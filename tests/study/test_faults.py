@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 
 import optuna
 import pytest
@@ -73,14 +72,8 @@ def test_storage_given_as_a_folder_is_one_line(project, capsys):
 
 
 @pytest.fixture
-def tmpfs(tmp_path):
-    mount = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+def tmpfs(make_tmpfs):
+    return make_tmpfs(8)
 
 
 def test_a_tracking_store_that_fills_mid_trial_fails_and_requeues_the_trial(
