@@ -91,6 +91,7 @@ RANGES: dict[str, Range] = {
     "training.batch_size": Range(0, why="must be >= 1, or 0 for full batch"),
     "training.seed": _SEED,
     "training.population": Range(1, why="must be >= 1 (1 = one trial at a time)"),
+    "training.seeds": Range(1, why="must be >= 1 (1 = one training seed per trial; 3-5 show seed noise)"),
     "search.lr": Range(0, why="must be > 0", open_low=True),
     "search.momentum": Range(0, 1, "must be in [0, 1)", open_high=True),
     "search.weight_decay": Range(0, why="must be >= 0"),
@@ -136,6 +137,7 @@ class TrainingConfig:
     dtype: str = "float32"  # float32 | float64
     precision: str = "full"  # full (every op in dtype) | bf16 (forward under bfloat16 autocast; float32 only)
     population: int = 1  # trials trained at once as one batched computation (pipeline.population)
+    seeds: int = 1  # training seeds per trial (replicates); the objective is their mean
 
 
 @dataclass(frozen=True)
@@ -228,12 +230,18 @@ class StudyConfig:
 
     def config_hash(self) -> str:
         """Hash of everything that defines the study's results (not its file path)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=list).encode()
+        data = self.to_dict()
+        if self.training.seeds == 1:  # the default leaves the hash of a study written before the key
+            del data["training"]["seeds"]
+        blob = json.dumps(data, sort_keys=True, default=list).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def search_space_signature(self) -> str:
         """Canonical JSON of the search space and objective: a resumed study must match it."""
-        return json.dumps({"search": self.to_dict()["search"], "objective": self.objective}, sort_keys=True)
+        signature: dict[str, Any] = {"search": self.to_dict()["search"], "objective": self.objective}
+        if self.training.seeds != 1:  # a mean over K seeds is another objective than one seed's value
+            signature["seeds"] = self.training.seeds
+        return json.dumps(signature, sort_keys=True)
 
     def with_overrides(self, **changes: Any) -> StudyConfig:
         """A copy with command-line overrides (``trials``, ``epochs``, ``name``) applied."""

@@ -46,6 +46,7 @@ from pipeline.train import (
 )
 
 Callback = Callable[[EpochRecord], bool | None]
+SetCallback = Callable[[list[EpochRecord]], bool | None]  # one epoch of every member of a set
 
 
 # On CPU a group holds at most this many hidden activations per layer (members x batch x width).
@@ -96,10 +97,14 @@ class StackedMLP:
         return len(self.weights[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [K, B, out] of every member on the shared batch ``x`` [B, in]."""
+        """Logits [K, B, out] of every member on the shared batch ``x`` [B, in], or on its own
+        batch ``x[k]`` when ``x`` is [K, B, in]."""
         act = torch.relu if self.activation == "relu" else torch.tanh  # = nn.ReLU / nn.Tanh
         single = len(self) == 1  # plain matmuls: on CPU faster than a batch of one
-        h = x if single else x.expand(len(self), *x.shape)
+        if x.dim() == 3:  # per-member batches [K, B, in] (members with their own batch order)
+            h = x.squeeze(0) if single else x
+        else:
+            h = x if single else x.expand(len(self), *x.shape)
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             h = torch.addmm(b.squeeze(0), h, w.squeeze(0)) if single else torch.baddbmm(b, h, w)
@@ -183,56 +188,98 @@ class StackedSGD:
 
 
 def member_losses(name: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Each member's mean loss [K] on one batch (``pipeline.train.loss_fn`` per member)."""
+    """Each member's mean loss [K] on one batch (``pipeline.train.loss_fn`` per member); ``y`` is
+    the shared labels [B] or each member's own [K, B]."""
     k, n, classes = logits.shape
     if name == "ce":
-        flat = F.cross_entropy(logits.reshape(k * n, classes), y if k == 1 else y.repeat(k), reduction="none")
+        target = y.reshape(-1) if y.dim() == 2 else (y if k == 1 else y.repeat(k))
+        flat = F.cross_entropy(logits.reshape(k * n, classes), target, reduction="none")
         return flat.view(k, n).mean(1)
     target = F.one_hot(y, classes).to(logits.dtype).expand_as(logits)
     return F.mse_loss(logits, target, reduction="none").mean((1, 2))
 
 
-def plan_groups(models: Sequence[MLP], batch: int, limit: int | None = CPU_GROUP_ELEMENTS) -> list[list[int]]:
+def plan_groups(
+    models: Sequence[MLP],
+    batch: int,
+    limit: int | None = CPU_GROUP_ELEMENTS,
+    sets: Sequence[Sequence[int]] | None = None,
+) -> list[list[int]]:
     """Which members train stacked together: one activation per group, at most ``limit`` hidden
     activations (members x ``batch`` x widest layer) per group, and no member padded to more than
-    ``MAX_PADDING`` times its own width. ``limit=None``: one group per activation."""
+    ``MAX_PADDING`` times its own width. ``limit=None``: one group per activation.
 
-    def width(i: int) -> int:
-        return max((layer.out_features for layer in models[i].linears[:-1]), default=1)
+    ``sets`` (default: each member alone) are members that must train in one group, in lockstep:
+    a trial's seed replicates, which the pruner judges by their mean curve. A set that alone
+    exceeds ``limit`` gets a group of its own.
+    """
+    sets = [list(s) for s in sets] if sets is not None else [[i] for i in range(len(models))]
+    for members in sets:
+        if len({models[i].activation for i in members}) != 1:
+            raise ValueError(f"members {members} of one set need one activation")
 
-    groups: list[list[int]] = []
-    for i in sorted(range(len(models)), key=lambda i: (models[i].activation, width(i))):
+    def width(s: int) -> int:
+        return max(max((layer.out_features for layer in models[i].linears[:-1]), default=1) for i in sets[s])
+
+    def activation(s: int) -> str:
+        return models[sets[s][0]].activation
+
+    groups: list[list[int]] = []  # lists of set indices
+    for s in sorted(range(len(sets)), key=lambda s: (activation(s), width(s))):
         group = groups[-1] if groups else None
+        size = sum(len(sets[g]) for g in group) + len(sets[s]) if group else 0
         if (
             group is not None
-            and models[group[0]].activation == models[i].activation
-            and (
-                limit is None
-                or (
-                    (len(group) + 1) * batch * width(i) <= limit and width(i) <= MAX_PADDING * width(group[0])
-                )
-            )
+            and activation(group[0]) == activation(s)
+            and (limit is None or (size * batch * width(s) <= limit and width(s) <= MAX_PADDING * width(group[0])))
         ):
-            group.append(i)
+            group.append(s)
         else:
-            groups.append([i])
-    return groups
+            groups.append([s])
+    return [[i for s in group for i in sets[s]] for group in groups]
+
+
+def member_batches(x: torch.Tensor, y: torch.Tensor, order: torch.Tensor | None, batch: int):
+    """``train.batches`` for a group: shared slices, or each member's own when ``order`` is [K, n]."""
+    if order is None or order.dim() == 1:
+        yield from batches(x, y, order, batch)
+        return
+    k = len(order)
+    for start in range(0, len(x), batch):
+        idx = order[:, start : start + batch].reshape(-1)
+        yield x.index_select(0, idx).view(k, -1, x.shape[1]), y.index_select(0, idx).view(k, -1)
 
 
 class _Group:
     """Members trained as one batched computation, with their model indices."""
 
-    def __init__(self, members: list[int], models: Sequence[MLP], hypers: Sequence[Hyper], dtype) -> None:
+    def __init__(
+        self, members: list[int], models: Sequence[MLP], hypers: Sequence[Hyper], seeds: Sequence[int], dtype
+    ) -> None:
         self.members = members
         self.stack = StackedMLP([models[i] for i in members], dtype)
         self.optimizer = StackedSGD(self.stack.parameters, [hypers[i] for i in members])
+        # train()'s batch order for each member's seed: one stream when the members share a seed
+        # (a population's trials), one per member otherwise (a trial's replicates)
+        own = {seeds[i] for i in members}
+        self.generators = [torch.Generator().manual_seed(batch_order_seed(s)) for s in sorted(own)]
+        if len(own) > 1:
+            self.generators = [torch.Generator().manual_seed(batch_order_seed(seeds[i])) for i in members]
+
+    def orders(self, n: int, shuffle: bool) -> torch.Tensor | None:
+        """This epoch's permutation: [n] shared, [K, n] one per member, or None (no shuffling)."""
+        if not shuffle:
+            return None
+        if len(self.generators) == 1:
+            return torch.randperm(n, generator=self.generators[0])
+        return torch.stack([torch.randperm(n, generator=g) for g in self.generators])
 
     def epoch(self, x, y, order, batch: int, config: TrainingConfig) -> tuple[list[float], list[float]]:
         """One epoch of steps; every member's mean training loss and accuracy."""
         n = len(x)
         loss_sum = torch.zeros(len(self.members), dtype=torch.float64)
         correct = torch.zeros(len(self.members), dtype=torch.long)
-        for xb, yb in batches(x, y, order, batch):
+        for xb, yb in member_batches(x, y, order, batch):
             self.optimizer.zero_grad()
             with autocast(config.precision):
                 logits = self.stack.forward(xb)
@@ -244,7 +291,7 @@ class _Group:
                     total = losses.sum()  # members share no parameter: each gets its own gradient
             total.backward()
             self.optimizer.step()
-            loss_sum.add_(losses.detach(), alpha=len(yb))
+            loss_sum.add_(losses.detach(), alpha=yb.shape[-1])
             correct += (logits.detach().argmax(2) == yb).sum(1)
         return [s / n for s in loss_sum.tolist()], [c / n for c in correct.tolist()]
 
@@ -268,6 +315,8 @@ class _Group:
         self.stack.keep(index)
         self.optimizer.keep(index, self.stack.parameters)
         self.members = [self.members[r] for r in rows]
+        if len(self.generators) > 1:
+            self.generators = [self.generators[r] for r in rows]
 
 
 def train_population(
@@ -277,6 +326,7 @@ def train_population(
     config: TrainingConfig,
     on_epoch: Sequence[Callback | None] | None = None,
     group_limit: int | None = CPU_GROUP_ELEMENTS,
+    seeds: Sequence[int] | None = None,
 ) -> list[TrainResult]:
     """Train every model in place; one result per model, as ``train`` would give it.
 
@@ -284,62 +334,105 @@ def train_population(
     train()'s batches, and the groups run one after another (each keeps its working set in cache).
     ``on_epoch[k]`` sees model k's epochs and may return True to stop that member alone. A
     result's ``seconds`` is the wall time of its group's run until that member finished.
+    ``seeds[k]``: the training seed whose batch order member k draws (default ``config.seed``).
     """
     k = len(models)
     on_epoch = list(on_epoch) if on_epoch is not None else [None] * k
-    if not k or len(hypers) != k or len(on_epoch) != k:
+    if len(on_epoch) != k:
+        raise ValueError(f"{k} models need as many callbacks, got {len(on_epoch)}")
+    callbacks = [None if cb is None else _single(cb) for cb in on_epoch]
+    return train_sets(models, split, hypers, config, [[i] for i in range(k)], callbacks, group_limit, seeds)
+
+
+def _single(callback: Callback) -> SetCallback:
+    return lambda records: callback(records[0])
+
+
+def train_sets(
+    models: Sequence[MLP],
+    split: Split,
+    hypers: Sequence[Hyper],
+    config: TrainingConfig,
+    sets: Sequence[Sequence[int]],
+    on_epoch: Sequence[SetCallback | None] | None = None,
+    group_limit: int | None = CPU_GROUP_ELEMENTS,
+    seeds: Sequence[int] | None = None,
+) -> list[TrainResult]:
+    """``train_population`` over sets of members that train in lockstep and stop together.
+
+    A set is a trial's seed replicates: its members share one group, ``on_epoch[s]`` sees the
+    records of all of set s's members for an epoch (in set order) and may return True to stop
+    the set; a member that diverges stops its set too (it gets ``diverged_at``, the others
+    ``stopped_at``). In float64 each member ends where a separate ``train`` with its own seed
+    (``seeds[k]``: initialisation via its model, batch order here) ends, to round-off.
+    """
+    k = len(models)
+    seeds = list(seeds) if seeds is not None else [config.seed] * k
+    on_epoch = list(on_epoch) if on_epoch is not None else [None] * len(sets)
+    members = sorted(i for s in sets for i in s)
+    if not k or len(hypers) != k or len(seeds) != k or members != list(range(k)) or len(on_epoch) != len(sets):
         raise ValueError(
-            f"{k} models need as many hypers and callbacks, got {len(hypers)} and {len(on_epoch)}"
+            f"{k} models need as many hypers and seeds, sets that hold each model once and one "
+            f"callback per set; got {len(hypers)} hypers, {len(seeds)} seeds, sets {list(sets)}, "
+            f"{len(on_epoch)} callbacks"
         )
     dtype = DTYPES[config.dtype]
     for model in models:
         model.to(dtype)
     data = (split.x_train.to(dtype), split.y_train, split.x_val.to(dtype), split.y_val)
     batch = config.batch_size or len(split.y_train)
+    set_of = {i: n for n, s in enumerate(sets) for i in s}
     results: list[TrainResult | None] = [None] * k
-    for members in plan_groups(models, batch, group_limit):
-        group = _Group(members, models, hypers, dtype)
-        with step_threads(sum(step_macs(models[i], batch) for i in members)):
-            for member, result in _train_group(group, models, config, on_epoch, data).items():
+    for group_members in plan_groups(models, batch, group_limit, sets):
+        group = _Group(group_members, models, hypers, seeds, dtype)
+        inside = sorted({set_of[i] for i in group_members})
+        with step_threads(sum(step_macs(models[i], batch) for i in group_members)):
+            for member, result in _train_group(group, models, config, sets, inside, on_epoch, data).items():
                 results[member] = result
     return results  # type: ignore[return-value]
 
 
-def _train_group(group: _Group, models, config, on_epoch, data) -> dict[int, TrainResult]:
-    """``train``'s epochs for one group: the same batch order, per-member records and outcomes."""
+def _train_group(group: _Group, models, config, sets, inside, on_epoch, data) -> dict[int, TrainResult]:
+    """``train``'s epochs for one group: the same batch orders, per-member records and outcomes."""
     x, y, x_val, y_val = data
     n = len(x)
     batch = config.batch_size or n
-    order_gen = torch.Generator().manual_seed(batch_order_seed(config.seed))  # train()'s batch order
     histories: dict[int, list[EpochRecord]] = {member: [] for member in group.members}
     results: dict[int, TrainResult] = {}
+    live = list(inside)  # the sets still training
     started = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
-        order = torch.randperm(n, generator=order_gen) if config.shuffle else None
-        train_loss, train_acc = group.epoch(x, y, order, batch, config)
+        train_loss, train_acc = group.epoch(x, y, group.orders(n, config.shuffle), batch, config)
         val_loss, val_acc = group.evaluate(x_val, y_val, config.loss)
-        keep = []
+        diverged = set()
         for row, member in enumerate(group.members):
-            outcome: dict[str, Any] = {}
             if not math.isfinite(train_loss[row]):
                 record = EpochRecord(epoch, train_loss[row], train_acc[row], math.nan, math.nan)
-                outcome["diverged_at"] = epoch
+                diverged.add(member)
             else:
                 record = EpochRecord(epoch, train_loss[row], train_acc[row], val_loss[row], val_acc[row])
                 if not math.isfinite(val_loss[row]):
-                    outcome["diverged_at"] = epoch
-                elif on_epoch[member] is not None and on_epoch[member](record):
-                    outcome["stopped_at"] = epoch
+                    diverged.add(member)
             histories[member].append(record)
-            if outcome or epoch == config.epochs:
+        outcomes: dict[int, dict[str, Any]] = {}
+        for s in live:
+            if diverged.intersection(sets[s]):
+                for member in sets[s]:
+                    outcomes[member] = {"diverged_at" if member in diverged else "stopped_at": epoch}
+            elif on_epoch[s] is not None and on_epoch[s]([histories[member][-1] for member in sets[s]]):
+                outcomes.update({member: {"stopped_at": epoch} for member in sets[s]})
+        keep = []
+        for row, member in enumerate(group.members):
+            if member in outcomes or epoch == config.epochs:
                 group.stack.export(row, models[member])
                 results[member] = TrainResult(
-                    tuple(histories[member]), time.perf_counter() - started, **outcome
+                    tuple(histories[member]), time.perf_counter() - started, **outcomes.get(member, {})
                 )
             else:
                 keep.append(row)
         if not keep:
             break
+        live = [s for s in live if sets[s][0] not in outcomes]
         if len(keep) < len(group.members):
             group.keep(keep)
     return results

@@ -154,6 +154,18 @@ def batch_order_seed(seed: int) -> int:
     return derive_seed(seed, "batch-order")
 
 
+def replicate_seeds(config: TrainingConfig) -> list[int]:
+    """The training seed of each of a trial's ``config.seeds`` replicates.
+
+    One replicate trains from ``training.seed`` itself (the numbers of a study without the key);
+    K > 1 replicates use ``derive_seed(training.seed, "replicate", i)`` for i = 0..K-1, each
+    seeding its network's initialisation and its batch order. The data split is shared.
+    """
+    if config.seeds == 1:
+        return [config.seed]
+    return [derive_seed(config.seed, "replicate", i) for i in range(config.seeds)]
+
+
 def batches(x: torch.Tensor, y: torch.Tensor, order: torch.Tensor | None, batch: int):
     """Mini-batches as slices of ``order`` (a permutation), or of the data itself when None."""
     for start in range(0, len(x), batch):

@@ -49,8 +49,10 @@ def plot_confusion(evaluation: Evaluation, classes: Sequence[str], path: Path, t
     return save_figure(fig, path)
 
 
-def plot_curves(history: Sequence[EpochRecord], path: Path) -> Path:
-    """Loss and accuracy per epoch, train and validation."""
+def plot_curves(
+    history: Sequence[EpochRecord], path: Path, mean: Sequence[EpochRecord] | None = None
+) -> Path:
+    """Loss and accuracy per epoch, train and validation; with ``mean``, the mean over seeds too."""
     epochs = [r.epoch for r in history]
     fig = Figure(figsize=(9, 3.4))
     for ax, key, label in (
@@ -59,10 +61,34 @@ def plot_curves(history: Sequence[EpochRecord], path: Path) -> Path:
     ):
         ax.plot(epochs, [getattr(r, f"train_{key}") for r in history], "o-", ms=2, label="train")
         ax.plot(epochs, [getattr(r, f"val_{key}") for r in history], "o-", ms=2, label="validation")
+        if mean is not None:
+            ax.plot(
+                [r.epoch for r in mean], [getattr(r, f"val_{key}") for r in mean], "k--", label="validation, seed mean"
+            )
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_replicates(replicates, path: Path) -> Path:
+    """Strip plot of a trial's seed replicates: validation accuracy and test error, one dot per
+    seed, the mean as a bar; stalled seeds in red."""
+    fig = Figure(figsize=(6, 3))
+    colors = ["tab:red" if s else "tab:blue" for s in replicates.stalled]
+    for i, (values, label) in enumerate(
+        ((replicates.val_acc, "validation accuracy"), (replicates.test_error, "test error")), start=1
+    ):
+        ax = fig.add_subplot(1, 2, i)
+        x = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(1)
+        ax.scatter(x, values, c=colors, zorder=3)
+        ax.hlines(np.mean(values), -0.3, 0.3, color="k", label="mean")
+        ax.set_xlim(-0.5, 0.5)
+        ax.set_xticks([])
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"{len(replicates.seeds)} seeds (red: stalled at chance level)", fontsize=9)
     return save_figure(fig, path)
 
 

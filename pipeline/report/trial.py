@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import stats
 
 from pipeline import bounds, files
 from pipeline.config import StudyConfig
@@ -23,10 +24,11 @@ from pipeline.report.figures import (
     plot_coverage,
     plot_curves,
     plot_decision_boundary,
+    plot_replicates,
     plot_true_distribution,
 )
 from pipeline.report.html import Figure, classification_rows, figure, render
-from pipeline.train import TrainResult
+from pipeline.train import EpochRecord, TrainResult
 
 TRUE_ERROR_SAMPLE = 4_000_000  # fresh points for the true error estimate (independent of the sets)
 
@@ -41,6 +43,63 @@ def bca_sets(m: int) -> int:
     """Fresh test sets for the BCa coverage: 200 at m = 2000; none where fewer than 20 would fit."""
     sets = min(200, BCA_BUDGET // (m * m))
     return sets if sets >= 20 else 0
+
+
+STALL_MARGIN = 0.02  # a replicate whose val_acc ends within this of the majority-class rate stalled
+
+
+@dataclass(frozen=True)
+class Replicates:
+    """A trial's K seed replicates: K networks of one configuration, trained on one split."""
+
+    seeds: tuple[int, ...]  # each replicate's training seed (initialisation and batch order)
+    val_acc: tuple[float, ...]
+    val_loss: tuple[float, ...]
+    test_k: tuple[int, ...]  # each network's test errors, out of m
+    m: int
+    majority: float  # the validation set's majority-class rate: a constant predictor's accuracy
+
+    @property
+    def test_error(self) -> tuple[float, ...]:
+        return tuple(k / self.m for k in self.test_k)
+
+    @property
+    def stalled(self) -> tuple[bool, ...]:
+        return tuple(abs(a - self.majority) <= STALL_MARGIN for a in self.val_acc)
+
+    def mean_interval(self, confidence: float) -> tuple[float, float]:
+        """Approximate interval for the configuration's mean test error over training seeds: a
+        t-interval over the K per-seed errors (the seeds a sample of training runs; the test set,
+        shared by all K, adds a variance this interval does not see)."""
+        e = np.asarray(self.test_error)
+        sd = float(e.std(ddof=1))
+        if sd == 0.0:
+            return float(e.mean()), float(e.mean())
+        low, high = stats.t.interval(confidence, len(e) - 1, loc=e.mean(), scale=sd / np.sqrt(len(e)))
+        return float(low), float(high)
+
+    def metrics(self, confidence: float) -> dict[str, float]:
+        """The trial's MLflow summaries: per seed, the means (val_acc, test_error), their SDs, stalled."""
+        out: dict[str, float] = {"replicates": len(self.seeds)}
+        for i, (acc, loss, err) in enumerate(zip(self.val_acc, self.val_loss, self.test_error, strict=True)):
+            out |= {f"val_acc_seed{i}": acc, f"val_loss_seed{i}": loss, f"test_error_seed{i}": err}
+        for key, values in (("val_acc", self.val_acc), ("val_loss", self.val_loss), ("test_error", self.test_error)):
+            out[key] = float(np.mean(values))
+            out[f"{key}_std"] = float(np.std(values, ddof=1))
+        out["test_acc"] = 1 - out["test_error"]
+        out["stalled"] = sum(self.stalled)
+        out["test_error_mean_t_low"], out["test_error_mean_t_high"] = self.mean_interval(confidence)
+        return out
+
+    def rows(self, confidence: float) -> tuple[tuple[Any, ...], ...]:
+        """The replicate table: each network with its own (guaranteed) Clopper–Pearson interval."""
+        low, high = bounds.count_intervals(np.asarray(self.test_k), self.m, confidence)["clopper_pearson"]
+        return tuple(
+            (i, seed, acc, loss, f"{k} / {self.m}", err, lo, hi, "stalled" if stall else "")
+            for i, (seed, acc, loss, k, err, lo, hi, stall) in enumerate(
+                zip(self.seeds, self.val_acc, self.val_loss, self.test_k, self.test_error, low, high, self.stalled)
+            )
+        )
 
 
 @dataclass(frozen=True)
@@ -97,8 +156,14 @@ def bounds_and_report(
     val: Evaluation,
     test: Evaluation,
     provenance: dict[str, str],
+    replicates: Replicates | None = None,
+    mean_history: tuple[EpochRecord, ...] | None = None,
 ) -> TrialArtifacts:
-    """Compute the intervals (and the ground-truth check), write the report folder atomically."""
+    """Compute the intervals (and the ground-truth check), write the report folder atomically.
+
+    With ``replicates`` (K > 1 seeds) the model, result and evaluations are replicate 0's, the
+    network whose weights the trial keeps; the replicate table and strip plot show all K.
+    """
     confidence = cfg.bounds.confidence
     rng = np.random.default_rng([cfg.training.seed, trial_number])
     err = bounds.analyse_errors(test.errors, confidence, rng)
@@ -137,7 +202,7 @@ def bounds_and_report(
     title = f"{cfg.name} trial {trial_number}"
     with files.atomic_dir(folder) as tmp:
         figures = {
-            "curves": plot_curves(result.history, tmp / "curves.png"),
+            "curves": plot_curves(result.history, tmp / "curves.png", mean_history),
             "confusion_matrix": plot_confusion(test, split.classes, tmp / "confusion_matrix.png", "test set"),
         }
         plot_bounds(err.distribution, err.empirical_error, err.intervals, m, tmp / "bounds.png")
@@ -149,6 +214,8 @@ def bounds_and_report(
             plot_coverage(truth.coverage, tmp / "coverage.png")
             figures["true_error"] = tmp / "true_error.png"
             figures["coverage"] = tmp / "coverage.png"
+        if replicates is not None:
+            figures["replicates"] = plot_replicates(replicates, tmp / "replicates.png")
         if split.input_dim == 2:
             figures["decision_boundary"] = plot_decision_boundary(
                 model, split, tmp / "decision_boundary.png", f"{title}: {_describe(params, cfg)}"
@@ -176,6 +243,20 @@ def bounds_and_report(
             "split_hash": split.split_hash,
             "provenance": provenance,
         }
+        if replicates is not None:
+            low, high = replicates.mean_interval(confidence)
+            summary["replicates"] = {
+                "seeds": replicates.seeds,
+                "val_acc": replicates.val_acc,
+                "val_loss": replicates.val_loss,
+                "test_k": replicates.test_k,
+                "test_error": replicates.test_error,
+                "stalled": replicates.stalled,
+                "majority_rate": replicates.majority,
+                "summary": replicates.metrics(confidence),
+                "test_error_mean_interval": {"low": low, "high": high, "method": "t over seeds", "guaranteed": False},
+                "network": "the numbers above this block are replicate 0's network (its weights are model.pt)",
+            }
         if truth is not None:
             summary["ground_truth"] = {
                 "true_error": truth.true_error,
@@ -188,7 +269,8 @@ def bounds_and_report(
             {"classes": split.classes, "labels": test.labels, "predictions": test.predictions},
         )
         page = _trial_page(
-            title, cfg, split, params, result, val, test, train_eval, err, sizes, truth, figures, provenance
+            title, cfg, split, params, result, val, test, train_eval, err, sizes, truth, figures, provenance,
+            replicates,
         )
         files.write_text(tmp / "report.html", page)
         names = [p.name for p in figures.values()] + ["metrics.json", "test_predictions.json", "report.html"]
@@ -217,21 +299,40 @@ class TrialPage:
     true_error_sample: int
     figures: dict[str, Figure]
     provenance: tuple[tuple[str, Any], ...]
+    replicates: tuple[tuple[Any, ...], ...] | None = None  # the replicate table (K > 1 seeds)
+    replicate_mean: tuple[float, float, float] | None = None  # mean test error over seeds, t-interval
+    replicate0_seed: int | None = None
 
 
 def _trial_page(
-    title, cfg, split, params, result, val, test, train_eval, err, sizes, truth, figures, provenance
+    title, cfg, split, params, result, val, test, train_eval, err, sizes, truth, figures, provenance,
+    replicates=None,
 ) -> str:
-    overview = (
+    of = "" if replicates is None else " (replicate 0)"
+    overview: tuple[tuple[str, Any], ...] = (
         ("parameters", _describe(params, cfg)),
         ("outcome", result.outcome),
         ("epochs run", len(result.history)),
         ("training time (s)", result.seconds),
-        ("train error", train_eval.error),
-        ("validation accuracy (objective)", val.accuracy),
-        ("test accuracy", test.accuracy),
-        ("test error R_T", f"{err.k} / {err.m} = {test.error:.4f}"),
-        ("generalization gap (test − train error)", test.error - train_eval.error),
+    )
+    if replicates is not None:
+        summary = replicates.metrics(cfg.bounds.confidence)
+        overview += (
+            ("seed replicates K", len(replicates.seeds)),
+            (
+                f"validation {cfg.objective}, mean over seeds (objective)",
+                summary[cfg.objective],
+            ),
+            ("validation accuracy, mean ± sd over seeds", f"{summary['val_acc']:.4f} ± {summary['val_acc_std']:.4f}"),
+            ("test error, mean ± sd over seeds", f"{summary['test_error']:.4f} ± {summary['test_error_std']:.4f}"),
+            ("stalled replicates (val_acc at chance level)", f"{summary['stalled']} of {len(replicates.seeds)}"),
+        )
+    overview += (
+        (f"train error{of}", train_eval.error),
+        ("validation accuracy" + (of or " (objective)"), val.accuracy),
+        (f"test accuracy{of}", test.accuracy),
+        (f"test error R_T{of}", f"{err.k} / {err.m} = {test.error:.4f}"),
+        (f"generalization gap (test − train error){of}", test.error - train_eval.error),
     )
     coverage = tuple(
         (c.method, c.nominal, c.coverage, c.mean_width, c.n_sets, "yes" if c.guaranteed else "no", c.note)
@@ -259,5 +360,10 @@ def _trial_page(
         true_error_sample=TRUE_ERROR_SAMPLE,
         figures={name: figure(path) for name, path in figures.items()},
         provenance=tuple(prov.items()),
+        replicates=None if replicates is None else replicates.rows(cfg.bounds.confidence),
+        replicate_mean=None
+        if replicates is None
+        else (float(np.mean(replicates.test_error)), *replicates.mean_interval(cfg.bounds.confidence)),
+        replicate0_seed=None if replicates is None else replicates.seeds[0],
     )
     return render("trial.html.j2", page=page)

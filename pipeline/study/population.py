@@ -1,7 +1,7 @@
 """Population driver: ask K trials, train them as one stacked computation, tell each its outcome.
 
 Each trial still gets its own MLflow run and report (``pipeline.study.trial``'s ``begin_trial``,
-``epoch_callback`` and ``finish_trial``); the training is ``pipeline.stacked.train_population``.
+``epoch_callback`` and ``finish_trial``); the training is ``pipeline.stacked.train_sets`` (each trial's seed replicates one set).
 It shares the workers' allocation lock, worker id and sweep, so populations and single-trial
 workers can share one study.
 """
@@ -18,10 +18,11 @@ from optuna.trial import TrialState
 
 from pipeline import tracking
 from pipeline.signals import Terminated, signal_in, stop_reason
-from pipeline.stacked import train_population
+from pipeline.stacked import train_sets
 from pipeline.storage import AllocationLock, Retry, StudyError, trial_counts, write_error
 from pipeline.study import workers
-from pipeline.study.trial import begin_trial, build_model, epoch_callback, finish_trial
+from pipeline.study.trial import begin_trial, build_models, epoch_callback, finish_trial
+from pipeline.train import replicate_seeds
 
 
 @contextlib.contextmanager
@@ -102,21 +103,29 @@ def _run_round(study, trials, ctx, on_trial: Callable[[Any], None] | None) -> No
         for trial in trials:
             plans[trial.number] = begin_trial(trial, ctx)
         members = [plans[t.number] for t in trials]
-        models = [build_model(ctx, plan) for plan in members]
+        replicas = [build_models(ctx, plan) for plan in members]  # each trial's K seed replicates
+        k = len(replicas[0])
         buffers = [tracking.MetricBuffer(ctx.mlflow, plan.run_id) for plan in members]
         callbacks = [epoch_callback(t, ctx, b) for t, b in zip(trials, buffers, strict=True)]
         try:
             with _heartbeats(study, trials):
-                results = train_population(
-                    models, ctx.split, [plan.hyper for plan in members], ctx.cfg.training, callbacks
+                flat = train_sets(
+                    [model for models in replicas for model in models],
+                    ctx.split,
+                    [plan.hyper for plan in members for _ in range(k)],
+                    ctx.cfg.training,
+                    [list(range(t * k, (t + 1) * k)) for t in range(len(trials))],
+                    callbacks,
+                    seeds=replicate_seeds(ctx.cfg.training) * len(trials),
                 )
         finally:
             for buffer in buffers:
                 buffer.flush()
-        for trial, plan, model, result in zip(trials, members, models, results, strict=True):
+        results = [flat[t * k : (t + 1) * k] for t in range(len(trials))]
+        for trial, plan, models, result in zip(trials, members, replicas, results, strict=True):
             status = "FAILED"
             try:
-                value = finish_trial(trial, ctx, plan, model, result)
+                value = finish_trial(trial, ctx, plan, models, result)
                 study.tell(trial, value)
                 status = "FINISHED"
             except optuna.TrialPruned:

@@ -15,10 +15,12 @@ import math
 import pickle
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import torch
 
@@ -27,10 +29,11 @@ from pipeline.config import ModelConfig, StudyConfig
 from pipeline.data import Split
 from pipeline.evaluate import evaluate
 from pipeline.model import build_mlp
-from pipeline.report.trial import TrialArtifacts, bounds_and_report
+from pipeline.report.trial import Replicates, TrialArtifacts, bounds_and_report
+from pipeline.stacked import train_sets
 from pipeline.storage import StudyError
 from pipeline.study.progress import epoch_bar
-from pipeline.train import DTYPES, EpochRecord, Hyper, TrainResult, train, trial_setup
+from pipeline.train import DTYPES, EpochRecord, Hyper, TrainResult, replicate_seeds, train, trial_setup
 
 
 def suggest(trial: optuna.Trial, cfg: StudyConfig) -> dict[str, Any]:
@@ -72,6 +75,7 @@ COMPARED = (
     "training.batch_size",
     "training.seed",
     "training.population",
+    "training.seeds",
     "dataset.source",
     "dataset.classes",
     "model.hidden",
@@ -109,22 +113,39 @@ def begin_trial(trial: optuna.Trial, ctx: TrialContext) -> TrialPlan:
     return TrialPlan(run_id, params, hyper, model_cfg)
 
 
-def build_model(ctx: TrialContext, plan: TrialPlan) -> torch.nn.Module:
-    """The trial's MLP; its initial weights depend only on the training seed."""
-    return build_mlp(
-        ctx.split.input_dim,
-        plan.model.hidden,
-        plan.model.activation,
-        ctx.cfg.training.seed,
-        dtype=DTYPES[ctx.cfg.training.dtype],
-    )
+def build_models(ctx: TrialContext, plan: TrialPlan) -> list[torch.nn.Module]:
+    """The trial's MLPs, one per seed replicate; each one's initial weights depend only on its seed."""
+    return [
+        build_mlp(
+            ctx.split.input_dim,
+            plan.model.hidden,
+            plan.model.activation,
+            seed,
+            dtype=DTYPES[ctx.cfg.training.dtype],
+        )
+        for seed in replicate_seeds(ctx.cfg.training)
+    ]
+
+
+def mean_record(records: Sequence[EpochRecord]) -> EpochRecord:
+    """One epoch's numbers averaged over the replicates (the curve the pruner judges)."""
+    if len(records) == 1:
+        return records[0]
+    fields = ("train_loss", "train_acc", "val_loss", "val_acc")
+    means = {f: math.fsum(getattr(r, f) for r in records) / len(records) for f in fields}
+    return EpochRecord(records[0].epoch, **means)
 
 
 def epoch_callback(trial: optuna.Trial, ctx: TrialContext, buffer: tracking.MetricBuffer, bar=None):
-    """Per epoch: buffer the metrics for MLflow, report the objective to Optuna, ask the pruner."""
+    """Per epoch of all the trial's replicates: buffer the metrics for MLflow (the mean curve, and
+    replicate 0's as ``*_seed0`` when K > 1), report the mean objective to Optuna, ask the pruner."""
 
-    def on_epoch(record: EpochRecord) -> bool:
-        buffer.add(record.metrics(), step=record.epoch)
+    def on_epoch(records: list[EpochRecord]) -> bool:
+        record = mean_record(records)
+        metrics = record.metrics()
+        if len(records) > 1:
+            metrics |= {f"{key}_seed0": value for key, value in records[0].metrics().items()}
+        buffer.add(metrics, step=record.epoch)
         if bar is not None:
             bar.update(1)
         trial.report(record.val_acc if ctx.cfg.objective == "val_acc" else record.val_loss, record.epoch)
@@ -133,22 +154,47 @@ def epoch_callback(trial: optuna.Trial, ctx: TrialContext, buffer: tracking.Metr
     return on_epoch
 
 
+def train_replicates(ctx: TrialContext, plan: TrialPlan, models, on_epoch) -> list[TrainResult]:
+    """Train the trial's replicates; ``on_epoch`` sees each epoch of all of them.
+
+    One replicate trains with ``train``. K replicates train as one lockstep set of the stacked
+    computation (``pipeline.stacked.train_sets``); with the hand-written backward they train one
+    after another and the pruner is asked epoch by epoch afterwards, on the mean curve.
+    """
+    config, split = ctx.cfg.training, ctx.split
+    if len(models) == 1:
+        return [train(models[0], split, plan.hyper, config, lambda record: on_epoch([record]))]
+    seeds = replicate_seeds(config)
+    if config.backward == "autograd":
+        k = len(models)
+        return train_sets(models, split, [plan.hyper] * k, config, [list(range(k))], [on_epoch], seeds=seeds)
+    results = [
+        train(model, split, plan.hyper, dataclasses.replace(config, seed=seed))
+        for model, seed in zip(models, seeds, strict=True)
+    ]
+    for epoch in range(min(len(r.history) for r in results)):
+        records = [r.history[epoch] for r in results]
+        if not all(math.isfinite(r.val_loss) for r in records):
+            break
+        if on_epoch(records):
+            return [dataclasses.replace(r, history=r.history[: epoch + 1], stopped_at=epoch + 1) for r in results]
+    return results
+
+
 def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float:
     """The Optuna objective: every stage of one trial inside its MLflow run."""
     plan = begin_trial(trial, ctx)
     status = "FAILED"
     try:
-        model = build_model(ctx, plan)
+        models = build_models(ctx, plan)
         buffer = tracking.MetricBuffer(ctx.mlflow, plan.run_id)
         bar = epoch_bar(ctx.cfg.training.epochs, f"trial {trial.number}", ctx.show_epochs)
         try:
-            result = train(
-                model, ctx.split, plan.hyper, ctx.cfg.training, epoch_callback(trial, ctx, buffer, bar)
-            )
+            results = train_replicates(ctx, plan, models, epoch_callback(trial, ctx, buffer, bar))
         finally:
             buffer.flush()
             bar.close()
-        value = finish_trial(trial, ctx, plan, model, result)
+        value = finish_trial(trial, ctx, plan, models, results)
         status = "FINISHED"
         return value
     except optuna.TrialPruned:
@@ -163,29 +209,53 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float:
 
 
 def finish_trial(
-    trial: optuna.Trial, ctx: TrialContext, plan: TrialPlan, model: torch.nn.Module, result: TrainResult
+    trial: optuna.Trial,
+    ctx: TrialContext,
+    plan: TrialPlan,
+    models: Sequence[torch.nn.Module],
+    results: Sequence[TrainResult],
 ) -> float:
-    """Validate, test, bound and report a trained model; raise TrialPruned if it diverged or was pruned.
+    """Validate, test, bound and report the trained replicates; raise TrialPruned if one diverged
+    or they were pruned. The objective is the mean over replicates of each one's objective.
 
     Does not end the MLflow run: the caller does, with the status it decides.
     """
     cfg, split, run_id = ctx.cfg, ctx.split, plan.run_id
-    if result.diverged_at is not None or result.stopped_at is not None:
-        _prune(trial, ctx, run_id, result)
-    val = evaluate(model, split.x_val, split.y_val, split.classes, cfg.training.loss)
-    test = evaluate(model, split.x_test, split.y_test, split.classes, cfg.training.loss)
+    for i, result in enumerate(results):
+        if result.diverged_at is not None:
+            _prune(trial, ctx, run_id, result, i if len(results) > 1 else None)
+    if results[0].stopped_at is not None:
+        _prune(trial, ctx, run_id, results[0])
+    vals = [evaluate(model, split.x_val, split.y_val, split.classes, cfg.training.loss) for model in models]
+    tests = [evaluate(model, split.x_test, split.y_test, split.classes, cfg.training.loss) for model in models]
+    objectives = [v.accuracy if cfg.objective == "val_acc" else v.loss for v in vals]
+    replicates, mean_history = None, None
+    if len(models) > 1:
+        counts = torch.bincount(split.y_val, minlength=len(split.classes))
+        replicates = Replicates(
+            seeds=tuple(replicate_seeds(cfg.training)),
+            val_acc=tuple(v.accuracy for v in vals),
+            val_loss=tuple(v.loss for v in vals),
+            test_k=tuple(int(np.asarray(t.errors).sum()) for t in tests),
+            m=len(split.y_test),
+            majority=float(counts.max()) / len(split.y_val),
+        )
+        mean_history = tuple(mean_record(epoch) for epoch in zip(*(r.history for r in results), strict=True))
+    val, test, result = vals[0], tests[0], results[0]
     folder = ctx.reports / f"trial-{trial.number:04d}"
     artifacts: TrialArtifacts = bounds_and_report(
         folder=folder,
         cfg=cfg,
         split=split,
-        model=model,
+        model=models[0],
         trial_number=trial.number,
         params=plan.params,
         result=result,
         val=val,
         test=test,
         provenance={**ctx.provenance, "run_id": run_id},
+        replicates=replicates,
+        mean_history=mean_history,
     )
     final = {
         "val_acc": val.accuracy,
@@ -197,7 +267,13 @@ def finish_trial(
         "epochs_run": len(result.history),
         **artifacts.metrics,
     }
-    # val_acc / val_loss are already logged per epoch; the last epoch's value is the final one
+    if replicates is not None:  # the configuration's numbers: means over the seeds
+        final |= replicates.metrics(cfg.bounds.confidence)
+        final["best_val_acc"] = max(r.val_acc for r in mean_history)
+        final["train_seconds"] = max(r.seconds for r in results)  # lockstep: the set's wall time
+        if cfg.training.backward != "autograd":  # one after another
+            final["train_seconds"] = math.fsum(r.seconds for r in results)
+    # val_acc / val_loss are already logged per epoch (the seed mean); the last epoch's is the final one
     logged = {k: v for k, v in final.items() if k not in ("val_acc", "val_loss")}
     try:
         tracking.log(
@@ -205,29 +281,36 @@ def finish_trial(
         )
         for path in artifacts.files:
             ctx.mlflow.log_artifact(run_id, str(path))
-        _log_weights(ctx, run_id, model)
+        _log_weights(ctx, run_id, models[0])
     except BaseException:  # the trial fails: its report folder must not look like a complete trial's
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    for key in ("val_acc", "test_error", "test_acc", "epochs_run", "train_seconds"):
+    attrs = ("val_acc", "val_loss", "test_error", "test_acc", "epochs_run", "train_seconds")
+    attrs += ("val_acc_std", "test_error_std", "stalled") if replicates is not None else ()
+    for key in attrs:
         trial.set_user_attr(key, final[key])
+    trial.set_user_attr("replicates", len(models))
+    trial.set_user_attr("objective_seeds", objectives)
+    trial.set_user_attr("test_error_seeds", [t.error for t in tests])
     for key, value in artifacts.metrics.items():
         if key.startswith("test_error_clopper_pearson"):
             trial.set_user_attr(key, value)
     trial.set_user_attr("report", str(folder / "report.html"))
-    value = val.accuracy if cfg.objective == "val_acc" else val.loss
+    value = math.fsum(objectives) / len(objectives)
     if not math.isfinite(value):  # never hand Optuna a non-finite value: it would record inf
         _prune(trial, ctx, run_id, dataclasses.replace(result, diverged_at=len(result.history)))
     return value
 
 
-def _prune(trial, ctx: TrialContext, run_id: str, result: TrainResult) -> None:
+def _prune(trial, ctx: TrialContext, run_id: str, result: TrainResult, replicate: int | None = None) -> None:
     """Diverged or pruned: keep the partial curves, record the reason, tell Optuna PRUNED."""
     reason = (
         result.outcome
         if result.diverged_at is not None
         else (f"pruned by {ctx.cfg.pruner.kind} pruner after epoch {result.stopped_at}")
     )
+    if replicate is not None:
+        reason += f" (seed replicate {replicate})"
     trial.set_user_attr("reason", reason)
     trial.set_user_attr("epochs_run", len(result.history))
     tracking.log(

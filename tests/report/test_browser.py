@@ -112,7 +112,7 @@ def test_at_1280_px_every_trials_column_and_the_last_report_link_are_in_view(
 ):
     monkeypatch.setattr("pipeline.report.trial.TRUE_ERROR_SAMPLE", 100_000)
     cfg = tiny_study(trials=3)
-    real = __import__("pipeline.study.trial", fromlist=["build_model"]).build_model
+    real = __import__("pipeline.study.trial", fromlist=["build_models"]).build_models
     calls = {"n": 0}
 
     def first_fails(*args, **kwargs):
@@ -121,7 +121,7 @@ def test_at_1280_px_every_trials_column_and_the_last_report_link_are_in_view(
             raise RuntimeError("the data loader gave up after reading a corrupted batch " * 4)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("pipeline.study.trial.build_model", first_fails)
+    monkeypatch.setattr("pipeline.study.trial.build_models", first_fails)
     with pytest.raises(RuntimeError):
         workspace.run(cfg)
     outcome = workspace.run(cfg)

@@ -16,9 +16,9 @@ import pipeline.study.population
 from pipeline.config import ConfigError, TrainingConfig
 from pipeline.data import load_split
 from pipeline.model import build_mlp
-from pipeline.stacked import plan_groups, train_population
+from pipeline.stacked import plan_groups, train_population, train_sets
 from pipeline.storage import open_storage
-from pipeline.train import Hyper, train
+from pipeline.train import Hyper, replicate_seeds, train
 from tests.conftest import tiny_study
 
 # (hidden, activation, hyper): widths, depths' padding, both activations, momentum and decay on/off
@@ -263,3 +263,67 @@ def test_a_failing_member_fails_alone_and_every_run_is_closed(workspace, monkeyp
     client = MlflowClient(workspace["tracking_uri"])
     runs = _runs_by_trial(client, "fails")
     assert {n: r.info.status for n, r in runs.items()} == {0: "FINISHED", 1: "FAILED"}
+
+
+@pytest.mark.parametrize(("loss", "batch_size", "limit"), [("ce", 32, None), ("mse", 32, 1), ("ce", 0, None)])
+def test_replicates_equal_separate_runs_with_their_own_seeds(split, loss, batch_size, limit):
+    """A trial's K replicates as one lockstep set: each equals train() with its own seed (init and
+    batch order), float64 to 1e-12 — also when two trials' sets share the population."""
+    config = TrainingConfig(epochs=4, batch_size=batch_size, seed=5, loss=loss, dtype="float64", seeds=3)
+    seeds = replicate_seeds(config)
+    assert len(set(seeds)) == 3 and config.seed not in seeds
+    trials = [((16, 8), "tanh", Hyper(0.1, 0.9, 1e-3)), ((12, 8), "tanh", Hyper(0.05, 0.5))]
+    singles = []
+    for hidden, activation, hyper in trials:
+        for seed in seeds:
+            model = _model(split, hidden, activation, seed=seed)
+            singles.append((model, train(model, split, hyper, dataclasses.replace(config, seed=seed))))
+    models = [_model(split, h, a, seed=s) for h, a, _ in trials for s in seeds]
+    hypers = [hyper for _, _, hyper in trials for _ in seeds]
+    seen: list[list[int]] = [[], []]
+
+    def watch(s):
+        def on_epoch(records):
+            assert len(records) == 3  # the whole set, every epoch
+            seen[s].append(records[0].epoch)
+
+        return on_epoch
+
+    results = train_sets(
+        models, split, hypers, config, [[0, 1, 2], [3, 4, 5]], [watch(0), watch(1)], limit, seeds * 2
+    )
+    for single, replicate in zip(singles, zip(models, results, strict=True), strict=True):
+        _assert_same(single, replicate)
+    assert seen == [[1, 2, 3, 4], [1, 2, 3, 4]]
+    # the seeds made different networks, or the per-member batch order proves nothing
+    assert not torch.equal(models[0].linears[0].weight, models[1].linears[0].weight)
+
+
+def test_a_set_stops_together(split):
+    """The set's callback stops all its members at once; another set goes on."""
+    config = TrainingConfig(epochs=5, batch_size=32, seed=5, dtype="float64", seeds=2)
+    seeds = replicate_seeds(config) * 2
+    models = [_model(split, (8,), "tanh", seed=s) for s in seeds]
+    results = train_sets(
+        models,
+        split,
+        [Hyper(0.1)] * 4,
+        config,
+        [[0, 1], [2, 3]],
+        [lambda records: records[0].epoch == 2, None],
+        seeds=seeds,
+    )
+    assert [r.stopped_at for r in results] == [2, 2, None, None]
+    assert [len(r.history) for r in results] == [2, 2, 5, 5]
+
+
+def test_a_diverging_replicate_stops_its_set(split):
+    config = TrainingConfig(epochs=5, batch_size=32, seed=5, dtype="float64", seeds=2)
+    seeds = replicate_seeds(config)
+    config = dataclasses.replace(config, loss="mse")
+    models = [_model(split, (8,), "relu", seed=s) for s in seeds]
+    results = train_sets(models, split, [Hyper(1e3), Hyper(0.01)], config, [[0, 1]], seeds=seeds)
+    epoch = results[0].diverged_at
+    assert epoch is not None and epoch < config.epochs  # member 0 diverged, and member 1 stopped with it
+    assert (results[1].diverged_at, results[1].stopped_at) == (None, epoch)
+    assert len(results[0].history) == len(results[1].history) == epoch
