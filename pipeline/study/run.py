@@ -21,7 +21,7 @@ from pipeline.data import load_split
 from pipeline.journal import check_free_space
 from pipeline.report.study_page import write_after_study
 from pipeline.seeds import derive_seed
-from pipeline.storage import StudyError, open_storage, preflight, redact, storage_spec, trial_counts
+from pipeline.storage import StudyError, open_storage, preflight, ranked_trials, redact, storage_spec, trial_counts
 from pipeline.study import workers
 from pipeline.study.gate import GradcheckFailed, run_gradcheck
 from pipeline.study.population import optimize_population
@@ -248,10 +248,9 @@ def _study_params(cfg: StudyConfig) -> dict[str, Any]:
 
 
 def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
+    """The selected trial by the one selection rule (``storage.ranked_trials``), never ``best_trial``."""
+    ranked = ranked_trials(study)
+    return ranked[0] if ranked else None
 
 
 def _finish_parent(mlflow, parent: str, study: optuna.Study, status: str) -> None:
@@ -268,7 +267,11 @@ def _finish_parent(mlflow, parent: str, study: optuna.Study, status: str) -> Non
         return
     if best is not None:
         metrics["best_val_acc"] = best.user_attrs.get("val_acc", best.value)
+        metrics["best_value"] = best.value  # the objective: the mean over the trial's seed replicates
         metrics["best_trial_number"] = best.number
+        for key in ("val_acc_std", "test_error", "test_error_std", "replicates"):
+            if isinstance(best.user_attrs.get(key), (int, float)):
+                metrics[f"best_{key}"] = best.user_attrs[key]
         for key, value in best.user_attrs.items():
             if key.startswith("test_error") and isinstance(value, float):
                 metrics[f"selected_{key}"] = value

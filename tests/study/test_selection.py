@@ -31,3 +31,21 @@ def test_minimize_and_missing_losses():
     study = _study([(0.5, None), (0.2, 0.9), (0.2, None), (0.2, 0.1)], direction="minimize")
     assert [t.number for t in ranked_trials(study)] == [3, 1, 2, 0]  # no recorded loss ranks last
     assert ranked_trials(_study([])) == []
+
+
+def test_the_parent_run_and_the_outcome_follow_the_rule_not_best_trial(tmp_path):
+    """The study's MLflow parent run gets the rule's pick (Optuna's best_trial would differ here)."""
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+    from pipeline.study.run import _best, _finish_parent
+
+    study = _study([(0.85, 0.40), (0.85, 0.30)])
+    assert study.best_trial.number == 0
+    assert _best(study).number == 1
+    mlflow = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = tracking.experiment_id(mlflow, "ties", "")
+    parent = tracking.study_run(mlflow, exp, "ties", {}, params={})
+    _finish_parent(mlflow, parent, study, "FINISHED")
+    metrics = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(parent).data.metrics
+    assert metrics["best_trial_number"] == 1
