@@ -231,7 +231,10 @@ def plan_groups(
         if (
             group is not None
             and activation(group[0]) == activation(s)
-            and (limit is None or (size * batch * width(s) <= limit and width(s) <= MAX_PADDING * width(group[0])))
+            and (
+                limit is None
+                or (size * batch * width(s) <= limit and width(s) <= MAX_PADDING * width(group[0]))
+            )
         ):
             group.append(s)
         else:
@@ -370,7 +373,13 @@ def train_sets(
     seeds = list(seeds) if seeds is not None else [config.seed] * k
     on_epoch = list(on_epoch) if on_epoch is not None else [None] * len(sets)
     members = sorted(i for s in sets for i in s)
-    if not k or len(hypers) != k or len(seeds) != k or members != list(range(k)) or len(on_epoch) != len(sets):
+    if (
+        not k
+        or len(hypers) != k
+        or len(seeds) != k
+        or members != list(range(k))
+        or len(on_epoch) != len(sets)
+    ):
         raise ValueError(
             f"{k} models need as many hypers and seeds, sets that hold each model once and one "
             f"callback per set; got {len(hypers)} hypers, {len(seeds)} seeds, sets {list(sets)}, "

@@ -63,7 +63,10 @@ def plot_curves(
         ax.plot(epochs, [getattr(r, f"val_{key}") for r in history], "o-", ms=2, label="validation")
         if mean is not None:
             ax.plot(
-                [r.epoch for r in mean], [getattr(r, f"val_{key}") for r in mean], "k--", label="validation, seed mean"
+                [r.epoch for r in mean],
+                [getattr(r, f"val_{key}") for r in mean],
+                "k--",
+                label="validation, seed mean",
             )
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)

@@ -83,7 +83,11 @@ class Replicates:
         out: dict[str, float] = {"replicates": len(self.seeds)}
         for i, (acc, loss, err) in enumerate(zip(self.val_acc, self.val_loss, self.test_error, strict=True)):
             out |= {f"val_acc_seed{i}": acc, f"val_loss_seed{i}": loss, f"test_error_seed{i}": err}
-        for key, values in (("val_acc", self.val_acc), ("val_loss", self.val_loss), ("test_error", self.test_error)):
+        for key, values in (
+            ("val_acc", self.val_acc),
+            ("val_loss", self.val_loss),
+            ("test_error", self.test_error),
+        ):
             out[key] = float(np.mean(values))
             out[f"{key}_std"] = float(np.std(values, ddof=1))
         out["test_acc"] = 1 - out["test_error"]
@@ -97,7 +101,17 @@ class Replicates:
         return tuple(
             (i, seed, acc, loss, f"{k} / {self.m}", err, lo, hi, "stalled" if stall else "")
             for i, (seed, acc, loss, k, err, lo, hi, stall) in enumerate(
-                zip(self.seeds, self.val_acc, self.val_loss, self.test_k, self.test_error, low, high, self.stalled)
+                zip(
+                    self.seeds,
+                    self.val_acc,
+                    self.val_loss,
+                    self.test_k,
+                    self.test_error,
+                    low,
+                    high,
+                    self.stalled,
+                    strict=True,
+                )
             )
         )
 
@@ -254,8 +268,13 @@ def bounds_and_report(
                 "stalled": replicates.stalled,
                 "majority_rate": replicates.majority,
                 "summary": replicates.metrics(confidence),
-                "test_error_mean_interval": {"low": low, "high": high, "method": "t over seeds", "guaranteed": False},
-                "network": "the numbers above this block are replicate 0's network (its weights are model.pt)",
+                "test_error_mean_interval": {
+                    "low": low,
+                    "high": high,
+                    "method": "t over seeds",
+                    "guaranteed": False,
+                },
+                "network": "the numbers outside this block are replicate 0's (its weights are model.pt)",
             }
         if truth is not None:
             summary["ground_truth"] = {
@@ -269,7 +288,19 @@ def bounds_and_report(
             {"classes": split.classes, "labels": test.labels, "predictions": test.predictions},
         )
         page = _trial_page(
-            title, cfg, split, params, result, val, test, train_eval, err, sizes, truth, figures, provenance,
+            title,
+            cfg,
+            split,
+            params,
+            result,
+            val,
+            test,
+            train_eval,
+            err,
+            sizes,
+            truth,
+            figures,
+            provenance,
             replicates,
         )
         files.write_text(tmp / "report.html", page)
@@ -305,7 +336,19 @@ class TrialPage:
 
 
 def _trial_page(
-    title, cfg, split, params, result, val, test, train_eval, err, sizes, truth, figures, provenance,
+    title,
+    cfg,
+    split,
+    params,
+    result,
+    val,
+    test,
+    train_eval,
+    err,
+    sizes,
+    truth,
+    figures,
+    provenance,
     replicates=None,
 ) -> str:
     of = "" if replicates is None else " (replicate 0)"
@@ -323,9 +366,18 @@ def _trial_page(
                 f"validation {cfg.objective}, mean over seeds (objective)",
                 summary[cfg.objective],
             ),
-            ("validation accuracy, mean ± sd over seeds", f"{summary['val_acc']:.4f} ± {summary['val_acc_std']:.4f}"),
-            ("test error, mean ± sd over seeds", f"{summary['test_error']:.4f} ± {summary['test_error_std']:.4f}"),
-            ("stalled replicates (val_acc at chance level)", f"{summary['stalled']} of {len(replicates.seeds)}"),
+            (
+                "validation accuracy, mean ± sd over seeds",
+                f"{summary['val_acc']:.4f} ± {summary['val_acc_std']:.4f}",
+            ),
+            (
+                "test error, mean ± sd over seeds",
+                f"{summary['test_error']:.4f} ± {summary['test_error_std']:.4f}",
+            ),
+            (
+                "stalled replicates (val_acc at chance level)",
+                f"{summary['stalled']} of {len(replicates.seeds)}",
+            ),
         )
     overview += (
         (f"train error{of}", train_eval.error),

@@ -1,9 +1,9 @@
 """Population driver: ask K trials, train them as one stacked computation, tell each its outcome.
 
 Each trial still gets its own MLflow run and report (``pipeline.study.trial``'s ``begin_trial``,
-``epoch_callback`` and ``finish_trial``); the training is ``pipeline.stacked.train_sets`` (each trial's seed replicates one set).
-It shares the workers' allocation lock, worker id and sweep, so populations and single-trial
-workers can share one study.
+``epoch_callback`` and ``finish_trial``); the training is ``pipeline.stacked.train_sets``, each
+trial's seed replicates one lockstep set. It shares the workers' allocation lock, worker id and
+sweep, so populations and single-trial workers can share one study.
 """
 
 from __future__ import annotations

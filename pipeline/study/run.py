@@ -21,7 +21,15 @@ from pipeline.data import load_split
 from pipeline.journal import check_free_space
 from pipeline.report.study_page import write_after_study
 from pipeline.seeds import derive_seed
-from pipeline.storage import StudyError, open_storage, preflight, ranked_trials, redact, storage_spec, trial_counts
+from pipeline.storage import (
+    StudyError,
+    open_storage,
+    preflight,
+    ranked_trials,
+    redact,
+    storage_spec,
+    trial_counts,
+)
 from pipeline.study import workers
 from pipeline.study.gate import GradcheckFailed, run_gradcheck
 from pipeline.study.population import optimize_population

@@ -177,7 +177,9 @@ def train_replicates(ctx: TrialContext, plan: TrialPlan, models, on_epoch) -> li
         if not all(math.isfinite(r.val_loss) for r in records):
             break
         if on_epoch(records):
-            return [dataclasses.replace(r, history=r.history[: epoch + 1], stopped_at=epoch + 1) for r in results]
+            return [
+                dataclasses.replace(r, history=r.history[: epoch + 1], stopped_at=epoch + 1) for r in results
+            ]
     return results
 
 
@@ -227,7 +229,9 @@ def finish_trial(
     if results[0].stopped_at is not None:
         _prune(trial, ctx, run_id, results[0])
     vals = [evaluate(model, split.x_val, split.y_val, split.classes, cfg.training.loss) for model in models]
-    tests = [evaluate(model, split.x_test, split.y_test, split.classes, cfg.training.loss) for model in models]
+    tests = [
+        evaluate(model, split.x_test, split.y_test, split.classes, cfg.training.loss) for model in models
+    ]
     objectives = [v.accuracy if cfg.objective == "val_acc" else v.loss for v in vals]
     replicates, mean_history = None, None
     if len(models) > 1:

@@ -48,7 +48,11 @@ def test_seeds_must_be_positive():
 def test_a_trial_is_the_mean_over_its_replicates(workspace, backward):
     """Objective = mean of each replicate's objective; each replicate is train() with its seed."""
     cfg = tiny_study(
-        trials=1, training__seeds=3, training__dtype="float64", training__backward=backward, training__epochs=8
+        trials=1,
+        training__seeds=3,
+        training__dtype="float64",
+        training__backward=backward,
+        training__epochs=8,
     )
     cfg = dataclasses.replace(cfg, gradcheck=dataclasses.replace(cfg.gradcheck, enabled=False))
     workspace.run(cfg)
@@ -99,7 +103,9 @@ def test_a_trial_is_the_mean_over_its_replicates(workspace, backward):
     assert block["test_k"] == [round(e * m_test) for e in errors]
     page = (folder / "report.html").read_text()
     assert "Seed replicates" in page and "approximate" in page
-    cp = stats.beta.ppf(1 - (1 - cfg.bounds.confidence) / 2, block["test_k"][1] + 1, m_test - block["test_k"][1])
+    cp = stats.beta.ppf(
+        1 - (1 - cfg.bounds.confidence) / 2, block["test_k"][1] + 1, m_test - block["test_k"][1]
+    )
     assert f"{cp:.4f}" in page  # replicate 1's own Clopper–Pearson upper limit is in its row
     assert (folder / "replicates.png").stat().st_size > 0
 
