@@ -20,6 +20,7 @@ import torch
 
 from pipeline import files
 from pipeline.bench.speed import (
+    HIDDEN,
     TRIAL_EPOCHS,
     bf16_accuracy,
     cifar2_workload,
@@ -35,6 +36,7 @@ from pipeline.bench.studies import (
     lr_search_members,
     population_speed,
     pruning_saving,
+    replicate_cost,
     startup_seconds,
 )
 
@@ -96,6 +98,10 @@ def run_bench(
         log("bf16 accuracy cost on Fashion-2 ...")
         result.extras["bf16_accuracy"] = bf16_accuracy(
             fashion, epochs=2 if quick else TRIAL_EPOCHS, seeds=(0,) if quick else (0, 1, 2)
+        )
+        log("5 seed replicates vs one training run on Fashion-2 ...")
+        result.extras["replicates"] = replicate_cost(
+            fashion.split, HIDDEN, k=5, epochs=1 if quick else epochs, repeats=1 if quick else repeats
         )
     log("population training on the 2-D capacity study ...")
     capacity = capacity_config()
@@ -190,6 +196,21 @@ def format_report(result: BenchResult) -> str:
             f"Largest difference in final val_acc from the one-by-one runs: "
             f"{p['max_val_acc_difference']:.3g}."
         )
+    if "replicates" in x:
+        r = x["replicates"]
+
+        def spread(t):
+            return f"{t['min']:.2f} / {t['median']:.2f} / {t['max']:.2f} s"
+
+        out += [
+            "",
+            f"## Seed replicates: {r['k']} seeds against one training run (Fashion-2)",
+            "",
+            f"MLP {r['hidden']}, {r['epochs']} epochs, training only, min / median / max of "
+            f"{r['repeats']}: one seed {spread(r['one_s'])}; {r['k']} seeds as one lockstep set (how "
+            f"`seeds = {r['k']}` trains) {spread(r['stacked_s'])}: **{r['stacked_vs_one']:.2f}x** one run; "
+            f"{r['k']} seeds one after another {spread(r['sequential_s'])}: {r['sequential_vs_one']:.2f}x.",
+        ]
     if "study_overhead" in x:
         s = x["study_overhead"]
         out += [

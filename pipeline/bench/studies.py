@@ -1,4 +1,5 @@
-"""Whole-study measurements: overhead over bare training, population training, pruning's saving."""
+"""Whole-study measurements: overhead over bare training, population training, seed replicates'
+cost, pruning's saving."""
 
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline.bench.speed import BATCH, HIDDEN, time_interleaved
-from pipeline.config import load_study, parse_study
+from pipeline.config import TrainingConfig, load_study, parse_study
 from pipeline.data import load_split
 from pipeline.model import build_mlp
-from pipeline.stacked import plan_groups, train_population
+from pipeline.stacked import plan_groups, train_population, train_sets
 from pipeline.storage import open_storage
 from pipeline.study.run import run_study
-from pipeline.train import Hyper, train, trial_setup
+from pipeline.train import Hyper, replicate_seeds, train, trial_setup
 
 
 def study_overhead(cfg, workdir: Path) -> dict[str, Any]:
@@ -146,6 +147,39 @@ def population_speed(cfg, members, epochs: int | None = None, repeats: int = 3) 
         "groups": [[f"{members[i][1]}-{members[i][0]}" for i in g] for g in groups],
         "max_val_acc_difference": drift,  # float32 round-off only
     }
+
+
+def replicate_cost(split, hidden, k: int = 5, epochs: int = 2, repeats: int = 3) -> dict[str, Any]:
+    """What K seed replicates cost against one training run: one ``train()`` (one seed), the K
+    replicates as one lockstep stacked set (how a trial with ``seeds = K`` trains them) and K
+    ``train()`` calls one after another; interleaved ``repeats`` times, min / median / max."""
+    training = TrainingConfig(epochs=epochs, batch_size=BATCH, seed=0, seeds=k)
+    seeds = replicate_seeds(training)
+    hyper = Hyper(0.01, 0.9, 1e-4)
+
+    def models():
+        return [build_mlp(split.input_dim, hidden, "relu", seed) for seed in seeds]
+
+    def one():
+        return train(models()[0], split, hyper, dataclasses.replace(training, seed=seeds[0]))
+
+    def stacked():
+        return train_sets(models(), split, [hyper] * k, training, [list(range(k))], seeds=seeds)
+
+    def sequential():
+        return [
+            train(model, split, hyper, dataclasses.replace(training, seed=seed))
+            for model, seed in zip(models(), seeds, strict=True)
+        ]
+
+    timed = time_interleaved({"one": one, "stacked": stacked, "sequential": sequential}, repeats, epochs)
+    out: dict[str, Any] = {"k": k, "epochs": epochs, "repeats": repeats, "hidden": list(hidden)}
+    for name in ("one", "stacked", "sequential"):
+        seconds = timed[name][0].seconds
+        out[f"{name}_s"] = {"min": min(seconds), "median": statistics.median(seconds), "max": max(seconds)}
+    out["stacked_vs_one"] = out["stacked_s"]["median"] / out["one_s"]["median"]
+    out["sequential_vs_one"] = out["sequential_s"]["median"] / out["one_s"]["median"]
+    return out
 
 
 def pruning_saving(trials: int, epochs: int, fashion: bool, workdir: Path) -> dict[str, Any]:
