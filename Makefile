@@ -62,6 +62,12 @@ schedule: $(VENV)/.installed ## install a crontab entry that reruns STUDY at CRO
 gradcheck: $(VENV)/.installed ## check the hand-written backprop of STUDY's model against finite differences
 	$(PY) -m pipeline gradcheck $(STUDY)
 
+.PHONY: export
+OUT ?= exported/$(basename $(notdir $(STUDY)))
+REGISTER ?=
+export: $(VENV)/.installed ## write STUDY's selected trial to OUT (config, weights, metrics, card); REGISTER=name registers it
+	$(PY) -m pipeline export $(STUDY) --out $(OUT) $(if $(REGISTER),--register $(REGISTER))
+
 .PHONY: bench
 bench: $(VENV)/.installed ## time the seed-style loop vs ours vs this machine's matmul rate (BENCH=--quick for a smoke run)
 	$(PY) -m pipeline bench $(BENCH)

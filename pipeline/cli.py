@@ -69,6 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=int, help="this worker's number, varies the sampler seed (default: pid)")
     p = sub.add_parser("best", help="the selected trial: params, objective, test error, report and weights")
     _where_args(p)
+    p = sub.add_parser(
+        "export",
+        help="write the selected trial to --out DIR: config.toml (retrains it), model.pt, metrics.json, "
+        "MODEL.md; --register NAME also puts it in the MLflow model registry (alias champion)",
+    )
+    _where_args(p)
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="folder to write (new, empty, or an earlier export of the same study, which is replaced)",
+    )
+    p.add_argument(
+        "--register",
+        metavar="NAME",
+        help="also log the model to the trial's MLflow run, register it as NAME, set alias champion",
+    )
     p = sub.add_parser("studies", help="list every study in storage/ (and in --storage)")
     p.add_argument("--storage", help="also list the studies in this storage (a journal file or database URL)")
     p = sub.add_parser("delete", help="remove a study's storage, MLflow experiment and reports (needs --yes)")
@@ -201,6 +219,12 @@ def cmd_best(args: argparse.Namespace) -> int:
     return best_main(_load(args), args.storage, args.tracking_uri)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.ops.export import export_main  # lazy: start-up stays light
+
+    return export_main(_load(args), args.storage, args.tracking_uri, args.out, args.register)
+
+
 def cmd_studies(args: argparse.Namespace) -> int:
     from pipeline.ops.manage import studies_main  # lazy: start-up stays light
 
@@ -247,6 +271,7 @@ COMMANDS = {
     "report": cmd_report,
     "bench": cmd_bench,
     "best": cmd_best,
+    "export": cmd_export,
     "studies": cmd_studies,
     "delete": cmd_delete,
 }
