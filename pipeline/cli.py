@@ -144,8 +144,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         f"study {outcome.name}: {outcome.n_complete} complete, {outcome.n_pruned} pruned, "
         f"{outcome.n_failed} failed"
     )
-    if outcome.best_number is not None:
-        print(f"best trial {outcome.best_number}: {cfg.objective} = {outcome.best_value:.4f}")
+    if outcome.selected_line is not None:
+        print(outcome.selected_line)
     print(f"reports: {outcome.reports}/")
     if outcome.page is not None:
         print(f"study page: {outcome.page}")

@@ -7,6 +7,7 @@ hands the trials to the workers' loop (or the population driver), and writes the
 
 from __future__ import annotations
 
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +50,22 @@ class StudyOutcome:
     best_value: float | None
     reports: Path
     parent_run_id: str
+    objective: str = "val_acc"
     page: Path | None = None  # the study page, reports/<study>/index.html, when it was written
     target: int = 0  # the study's trial target
     ran: int = 0  # trials this call finished (0: the study was already complete)
+    best_seeds: tuple[float, ...] = ()  # the selected trial's objective per seed replicate
+
+    @property
+    def selected_line(self) -> str | None:
+        """The selected trial and its objective (with the spread over seeds when K > 1)."""
+        if self.best_number is None or self.best_value is None:
+            return None
+        line = f"selected trial {self.best_number}: {self.objective} = {self.best_value:.4f}"
+        if len(self.best_seeds) > 1:
+            sd = statistics.stdev(self.best_seeds)
+            line += f" (mean of {len(self.best_seeds)} seeds, sd {sd:.4f})"
+        return line
 
     @property
     def complete_message(self) -> str | None:
@@ -242,9 +256,11 @@ def run_study(
         best.value if best else None,
         reports,
         parent,
+        cfg.objective,
         page,
         cfg.trials,
         watch.ran,
+        tuple(best.user_attrs.get("objective_seeds", ())) if best else (),
     )
 
 

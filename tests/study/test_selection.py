@@ -49,3 +49,20 @@ def test_the_parent_run_and_the_outcome_follow_the_rule_not_best_trial(tmp_path)
     _finish_parent(mlflow, parent, study, "FINISHED")
     metrics = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(parent).data.metrics
     assert metrics["best_trial_number"] == 1
+
+
+def test_the_last_line_names_the_selected_trial_and_its_seed_spread():
+    import statistics
+    from pathlib import Path
+
+    from pipeline.study.run import StudyOutcome
+
+    one = StudyOutcome("s", 3, 0, 0, 2, 0.875, Path("r"), "p", "val_acc", best_seeds=(0.875,))
+    assert one.selected_line == "selected trial 2: val_acc = 0.8750"
+    seeds = (0.86, 0.88, 0.89)
+    three = StudyOutcome("s", 3, 0, 0, 2, statistics.mean(seeds), Path("r"), "p", "val_acc", best_seeds=seeds)
+    assert three.selected_line == (
+        f"selected trial 2: val_acc = {statistics.mean(seeds):.4f} "
+        f"(mean of 3 seeds, sd {statistics.stdev(seeds):.4f})"
+    )
+    assert StudyOutcome("s", 0, 0, 1, None, None, Path("r"), "p").selected_line is None
