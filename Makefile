@@ -21,7 +21,7 @@ OVERRIDES := $(if $(TRIALS),--trials $(TRIALS)) $(if $(EPOCHS),--epochs $(EPOCHS
 help: ## show this help
 	@grep -hE '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | \
 		awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: STUDY=$(STUDY) TRIALS= EPOCHS= PORT=$(PORT) N=$(N)"
+	@echo "  variables: STUDY=$(STUDY) TRIALS= EPOCHS= PORT=$(PORT) N=$(N) OUT= REGISTER= YES= DASHBOARD_PORT=$(DASHBOARD_PORT)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON_BASE) -m venv $(VENV)
@@ -71,6 +71,21 @@ export: $(VENV)/.installed ## write STUDY's selected trial to OUT (config, weigh
 .PHONY: bench
 bench: $(VENV)/.installed ## time the seed-style loop vs ours vs this machine's matmul rate (BENCH=--quick for a smoke run)
 	$(PY) -m pipeline bench $(BENCH)
+
+.PHONY: best studies delete dashboard
+best: $(VENV)/.installed ## print STUDY's selected trial: params, objective (mean over seeds), test error, report, weights
+	$(PY) -m pipeline best $(STUDY)
+
+studies: $(VENV)/.installed ## list every study in storage/ (and in $$OPTUNA_STORAGE) with its trial counts
+	$(PY) -m pipeline studies
+
+delete: $(VENV)/.installed ## remove STUDY's storage, MLflow experiment and reports (asks for YES=1)
+	$(PY) -m pipeline delete $(STUDY) $(if $(YES),--yes)
+
+DASHBOARD_PORT ?= 8080
+dashboard: $(VENV)/.installed ## browse STUDY's Optuna storage in optuna-dashboard on 127.0.0.1 (DASHBOARD_PORT=8080)
+	@$(PY) -c 'import optuna_dashboard' 2>/dev/null || $(PY) -m pip install --quiet -e '.[dashboard]'
+	$(VENV)/bin/optuna-dashboard "$$($(PY) -m pipeline storage $(STUDY) --unredacted)" --host 127.0.0.1 --port $(DASHBOARD_PORT)
 
 ui: $(VENV)/.installed ## open the MLflow UI over this project's runs on 127.0.0.1 (PORT=5000)
 	@mkdir -p mlruns

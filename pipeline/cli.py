@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("delete", help="remove a study's storage, MLflow experiment and reports (needs --yes)")
     _where_args(p)
     p.add_argument("--yes", action="store_true", help="really remove them (without: say what would go)")
+    p = sub.add_parser("storage", help="print the Optuna storage a study uses (its password hidden)")
+    p.add_argument("study_file", type=Path, metavar="STUDY.toml")
+    p.add_argument("--name", help="study name (overrides the file)")
+    p.add_argument("--storage", help="Optuna storage (default $OPTUNA_STORAGE, else storage/<name>.journal)")
+    p.add_argument(
+        "--unredacted", action="store_true", help="print the password too (for a pipe into optuna-dashboard)"
+    )
     p = sub.add_parser("check", help="validate a study file and print the resolved configuration")
     p.add_argument("study_file", type=Path, metavar="STUDY.toml")
     p = sub.add_parser(
@@ -231,6 +238,15 @@ def cmd_studies(args: argparse.Namespace) -> int:
     return studies_main(args.storage or os.environ.get("OPTUNA_STORAGE"))
 
 
+def cmd_storage(args: argparse.Namespace) -> int:
+    from pipeline.storage import storage_spec  # lazy: start-up stays light
+    from pipeline.urls import redact
+
+    spec = storage_spec(_load(args), args.storage)
+    print(spec if args.unredacted else redact(spec))
+    return 0
+
+
 def cmd_delete(args: argparse.Namespace) -> int:
     from pipeline.ops.manage import delete_main  # lazy: start-up stays light
 
@@ -274,6 +290,7 @@ COMMANDS = {
     "export": cmd_export,
     "studies": cmd_studies,
     "delete": cmd_delete,
+    "storage": cmd_storage,
 }
 
 
