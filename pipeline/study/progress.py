@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import os
+import statistics
 import sys
 import time
 from typing import Any
@@ -72,6 +73,9 @@ class Watch:
         who = f"worker {self.worker} (pid {os.getpid()}): " if self.worker is not None else ""
         params = " ".join(f"{k}={_value(v)}" for k, v in trial.params.items())
         value = f" {self.objective}={trial.value:.4f}" if trial.value is not None else ""
+        seeds = trial.user_attrs.get("objective_seeds") or ()
+        if trial.value is not None and len(seeds) > 1:
+            value += f" ±{statistics.stdev(seeds):.4f} ({len(seeds)} seeds)"
         reason = trial.user_attrs.get("reason")
         why = f" ({reason})" if reason and trial.value is None else ""
         best = self._best()

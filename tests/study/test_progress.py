@@ -44,3 +44,25 @@ def test_one_line_per_finished_trial_with_best_so_far_and_eta(project, capsys):
     assert out.strip() == "study tiny is complete: 3/3 trials; raise --trials to continue"
     assert "it/s" not in err and not [line for line in err.splitlines() if line.startswith("trial ")]
     assert len(_study(project).trials) == 3
+
+
+def test_a_trial_line_gives_the_spread_over_its_seeds():
+    import statistics
+
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from pipeline.study.progress import Watch
+
+    study = optuna.create_study(direction="maximize")
+    seeds = [0.86, 0.88, 0.9]
+    study.add_trial(
+        create_trial(
+            value=statistics.mean(seeds),
+            params={"lr": 0.1},
+            distributions={"lr": FloatDistribution(0.01, 1.0)},
+            user_attrs={"objective_seeds": seeds},
+        )
+    )
+    line = Watch(study, "val_acc", 1, 1, terminal=False).line(study.trials[0])
+    assert f" val_acc={statistics.mean(seeds):.4f} ±{statistics.stdev(seeds):.4f} (3 seeds) |" in line
