@@ -4,16 +4,22 @@
   verdict; ``smallest_resolvable_difference`` says what the test set can resolve.
 - ``union_hoeffding_epsilon`` / ``bonferroni_clopper_pearson``: simultaneous bounds, valid for all
   N test errors at once (picking the best of N on one set is optimistic: Cawley & Talbot 2010).
+- ``tied_set``: with K training seeds per configuration, which configurations the selected one
+  cannot be told apart from (Welch's t per trial, Holm-corrected over the trials);
+  ``seed_paired_difference``: two configurations' test errors paired by seed, a t-interval over K.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.proportion import proportion_confint
 
 from pipeline import bounds
@@ -134,3 +140,111 @@ def bonferroni_clopper_pearson(k: int, m: int, delta: float, n_trials: int) -> t
     """Clopper–Pearson interval at confidence 1 − δ/N: N of them hold together with probability ≥ 1 − δ."""
     low, high = stats.binomtest(k, m).proportion_ci(1 - delta / n_trials, method="exact")
     return float(low), float(high)
+
+
+# ----------------------------------------------------------------------------------------------
+# Seed replicates: K training seeds per configuration
+
+TIE = 1e-12  # means closer than this are equal: the selection rule's tolerance (storage.TIE)
+
+
+@dataclass(frozen=True)
+class TiedRow:
+    """One other trial against the selected one, on their per-seed validation objectives."""
+
+    number: int
+    mean: float  # of its objective over its seeds
+    sd: float  # sample standard deviation (ddof = 1) over its seeds
+    p_value: float  # two-sided Welch's t against the selected trial's seeds
+    p_adjusted: float  # Holm-corrected over all the trials in the set
+    tied: bool  # p_adjusted > δ: the test cannot tell it from the selected trial
+
+
+@dataclass(frozen=True)
+class SeedComparison:
+    """Two configurations' test errors paired by seed index: A (selected) against B (runner-up)."""
+
+    differences: tuple[float, ...]  # error_i(A) − error_i(B), replicate i of both from one seed
+    difference: float  # their mean; negative means A makes fewer errors
+    low: float  # Student's t interval over the K differences (approximate, not guaranteed)
+    high: float
+    confidence: float
+    verdict: str  # "better" | "worse" | "indistinguishable across these seeds"
+
+    @property
+    def k(self) -> int:
+        return len(self.differences)
+
+    @property
+    def label(self) -> str:
+        return f"approximate: t over {self.k} seeds"
+
+
+def _seeds(values: Sequence[float], what: str) -> np.ndarray:
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 1 or x.size < 2:
+        raise ValueError(f"{what}: need at least 2 seeds to estimate seed noise, got {x.size}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{what}: non-finite per-seed values {x.tolist()}")
+    return x
+
+
+def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided Welch's t-test of two samples (unequal variances), never NaN.
+
+    scipy's ``ttest_ind(equal_var=False)``; when both samples are constant (spread within ``TIE``)
+    the statistic is 0/0, so the answer is decided exactly: p = 1 if the means agree within ``TIE``,
+    else 0 (two constant samples that differ differ with certainty).
+    """
+    x, y = _seeds(a, "first sample"), _seeds(b, "second sample")
+    if np.ptp(x) <= TIE and np.ptp(y) <= TIE:
+        return 1.0 if abs(x.mean() - y.mean()) <= TIE else 0.0
+    with warnings.catch_warnings():
+        if np.ptp(x) <= TIE or np.ptp(y) <= TIE:  # scipy warns of cancellation in a variance that is 0
+            warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_ind(x, y, equal_var=False).pvalue)
+
+
+def tied_set(selected: Sequence[float], others: Mapping[int, Sequence[float]], delta: float) -> list[TiedRow]:
+    """Each other trial against the selected one: Welch's p-value, Holm-adjusted over the trials.
+
+    ``selected`` and each ``others[number]`` are per-seed validation objectives (K ≥ 2 each; K may
+    differ between trials). Holm (statsmodels ``multipletests``) controls the chance of calling
+    any configuration separated when it is not at δ over the whole set; a trial whose adjusted p
+    exceeds δ is *tied*: the seeds cannot tell it from the selected one. Rows in ``others``' order.
+    """
+    _seeds(selected, "the selected trial")
+    numbers = list(others)
+    if not numbers:
+        return []
+    p = [welch_p_value(selected, _seeds(others[n], f"trial {n}")) for n in numbers]
+    adjusted = multipletests(p, alpha=delta, method="holm")[1]
+    rows = []
+    for n, p_value, p_adj in zip(numbers, p, adjusted, strict=True):
+        x = np.asarray(others[n], dtype=float)
+        tied = bool(p_adj > delta)
+        rows.append(TiedRow(n, float(x.mean()), float(x.std(ddof=1)), p_value, float(p_adj), tied))
+    return rows
+
+
+def seed_paired_difference(a: Sequence[float], b: Sequence[float], confidence: float) -> SeedComparison:
+    """Mean of error_i(a) − error_i(b) over seeds i and its t-interval, with the verdict it gives.
+
+    Replicate i of both configurations trained from the same seed, so pairing removes the part of
+    seed noise they share. The interval mean ± t_{K−1, 1−δ/2}·sd/√K assumes the K differences are
+    roughly normal: approximate, and with K of 3–5 wide. The verdict is read off the interval.
+    """
+    x, y = _seeds(a, "the selected trial's test errors"), _seeds(b, "the runner-up's test errors")
+    if x.size != y.size:
+        raise ValueError(f"seed pairing needs equal numbers of seeds, got {x.size} and {y.size}")
+    d = x - y
+    mean = float(d.mean())
+    half = float(stats.t.ppf(1 - (1 - confidence) / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size))
+    low, high = mean - half, mean + half
+    if high < 0:
+        verdict = "better"
+    elif low > 0:
+        verdict = "worse"
+    else:
+        verdict = "indistinguishable across these seeds"
+    return SeedComparison(tuple(float(v) for v in d), mean, low, high, confidence, verdict)

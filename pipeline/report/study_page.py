@@ -5,8 +5,11 @@ the selected trial is the best by the validation objective (never by test); its 
 with every interval of the bounds stage; the runner-up comparison is one exact McNemar test on the
 paired test predictions; and anyone reading test errors across all N trials gets simultaneous
 (Bonferroni / union-bound) intervals, since picking the best of N on one set is optimistic
-(Cawley & Talbot 2010). Nothing is retrained: each trial's ``metrics.json`` and
-``test_predictions.json`` are read from its report folder or, failing that, its MLflow run.
+(Cawley & Talbot 2010). With K ≥ 2 training seeds per trial it also lists the configurations the
+seeds cannot tell from the selected one (the tied set) and compares it with the runner-up across
+seeds, the McNemar test then a detail about one network of each. Nothing is retrained: each
+trial's ``metrics.json`` and ``test_predictions.json`` are read from its report folder or, failing
+that, its MLflow run.
 
 The page carries no wall-clock time, so regenerating it from the same storage gives the same bytes.
 """
@@ -26,7 +29,7 @@ from optuna.trial import FrozenTrial
 from scipy import stats
 
 from pipeline import bounds, files, tracking
-from pipeline.compare import PairedComparison
+from pipeline.compare import PairedComparison, SeedComparison
 from pipeline.config import StudyConfig
 from pipeline.evaluate import Evaluation, summarize
 from pipeline.report.figures import Plot, optuna_figures, plot_confusion, plot_forest
@@ -36,9 +39,11 @@ from pipeline.report.study_summary import (
     StudySummary,
     TrialOutputs,
     load_outputs,
+    objective_seeds,
     ranked_trials,
     run_reasons,
     summarize_study,
+    test_error_seeds,
     trials_frame,
 )
 from pipeline.signals import signal_in
@@ -161,6 +166,29 @@ class Versus:
 
 
 @dataclass(frozen=True)
+class Tied:
+    """The tied set as the page lists it: the selected trial's row first, then every other one tested."""
+
+    replicates: int  # K, the selected trial's seeds; 1: no tied set can be stated
+    delta: float
+    objective: str
+    header: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]  # trial, params, mean ± sd, seeds, p, Holm p, tied
+    n_tied: int  # other trials tied with the selected one
+    n_tested: int  # other trials tested (those with ≥ 2 seeds)
+    left_out: tuple[int, ...]  # complete trials with one seed
+    test_error: str  # the selected trial's test error over its seeds, "mean ± sd" ("" without them)
+
+
+@dataclass(frozen=True)
+class AcrossSeeds:
+    """The selected trial against the runner-up, their test errors paired by seed."""
+
+    test: SeedComparison
+    verdict: str  # as a phrase: "better than the runner-up", …
+
+
+@dataclass(frozen=True)
 class StudyPage:
     """What ``study.html.j2`` shows; the template lays it out and formats the numbers."""
 
@@ -174,6 +202,8 @@ class StudyPage:
     tested: Tested | None  # None: the selected trial left no outputs
     verdict: str  # the comparison's verdict as a phrase ("" without one)
     versus: Versus | None
+    tied: Tied | None  # None: no complete trial
+    across_seeds: AcrossSeeds | None  # None: K < 2, or the runner-up has other seeds
     resolvable: float  # smallest error difference the McNemar test could call significant
     resolvable_errors: int | None  # the same in errors on the test set; None when none could be
     trials: TrialsTable
@@ -240,6 +270,10 @@ def _page(cfg, study, summary, frame, outputs, figures, forest, confusion, sourc
         tested=_tested(summary, sel, sel_out, outputs, confusion) if sel is not None else None,
         verdict=_verdict_text(cmp.verdict) if cmp is not None else "",
         versus=versus,
+        tied=_tied(summary, by_number) if sel is not None else None,
+        across_seeds=AcrossSeeds(summary.seed_comparison, _verdict_text(summary.seed_comparison.verdict))
+        if summary.seed_comparison is not None
+        else None,
         resolvable=resolvable,
         resolvable_errors=round(resolvable * cmp.m)
         if cmp is not None and math.isfinite(resolvable)
@@ -252,10 +286,48 @@ def _page(cfg, study, summary, frame, outputs, figures, forest, confusion, sourc
     )
 
 
+def _params(trial: FrozenTrial) -> str:
+    return ", ".join(f"{k}={number(v)}" for k, v in trial.params.items())
+
+
 def _ranked(trial: FrozenTrial | None) -> Ranked | None:
     if trial is None:
         return None
-    return Ranked(trial.number, trial.value, ", ".join(f"{k}={number(v)}" for k, v in trial.params.items()))
+    return Ranked(trial.number, trial.value, _params(trial))
+
+
+def _tied(summary: StudySummary, by_number: dict[int, FrozenTrial]) -> Tied:
+    sel = by_number[summary.selected]
+    seeds = np.asarray(objective_seeds(sel))
+    k = len(seeds)
+    spread = f"{seeds.mean():.4f} ± {seeds.std(ddof=1):.4f}" if k >= 2 else f"{seeds.mean():.4f}"
+    rows = [(f"{sel.number} (selected)", _params(sel), spread, k, math.nan, math.nan, "—")]
+    for row in summary.tied or ():
+        other = by_number[row.number]
+        rows.append(
+            (
+                row.number,
+                _params(other),
+                f"{row.mean:.4f} ± {row.sd:.4f}",
+                len(objective_seeds(other)),
+                row.p_value,
+                row.p_adjusted,
+                "yes" if row.tied else "no",
+            )
+        )
+    errors = np.asarray(test_error_seeds(sel))
+    header = ("trial", "params", f"{summary.objective} mean ± sd", "seeds", "Welch p", "Holm-adjusted p")
+    return Tied(
+        replicates=k,
+        delta=1 - summary.confidence,
+        objective=summary.objective,
+        header=(*header, "tied"),
+        rows=tuple(rows),
+        n_tied=sum(row.tied for row in summary.tied or ()),
+        n_tested=len(summary.tied or ()),
+        left_out=summary.left_out,
+        test_error=f"{errors.mean():.4f} ± {errors.std(ddof=1):.4f}" if errors.size >= 2 else "",
+    )
 
 
 def _interval_text(trial: FrozenTrial, method: str) -> str:
@@ -265,9 +337,11 @@ def _interval_text(trial: FrozenTrial, method: str) -> str:
 
 
 def _verdict_text(verdict: str) -> str:
+    """A comparison's verdict as a phrase: "better than the runner-up", "indistinguishable from the
+    runner-up at this test size" (McNemar) or "… across these seeds" (seed-paired t)."""
     if verdict in ("better", "worse"):
         return f"{verdict} than the runner-up"
-    return "indistinguishable from the runner-up at this test size"
+    return "indistinguishable from the runner-up" + verdict.removeprefix("indistinguishable")
 
 
 def _tested(summary: StudySummary, sel, sel_out, outputs, confusion) -> Tested | None:

@@ -3,10 +3,16 @@
 Read from the Optuna storage and each trial's ``metrics.json`` / ``test_predictions.json`` (its
 report folder, else its MLflow run); nothing is retrained. ``summarize_study`` gives every number
 the page shows, also written as ``study_summary.json`` and logged to the parent run.
+
+With K ≥ 2 training seeds per trial (``[training] seeds``) it also says which configurations the
+selected one is statistically tied with (``compare.tied_set``) and compares it with the runner-up
+across seeds (``compare.seed_paired_difference``); a trial from before seed replicates counts as
+K = 1, its value the one seed's objective.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tempfile
@@ -21,9 +27,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.compare import (
     PairedComparison,
+    SeedComparison,
+    TiedRow,
     bonferroni_clopper_pearson,
     compare_paired,
+    seed_paired_difference,
     smallest_resolvable_difference,
+    tied_set,
     union_hoeffding_epsilon,
 )
 from pipeline.config import StudyConfig
@@ -64,6 +74,20 @@ class TrialOutputs:
     @property
     def k(self) -> int:
         return int(self.metrics["test_k"])
+
+
+def objective_seeds(trial: FrozenTrial) -> list[float]:
+    """Each replicate's validation objective; a trial from before seed replicates has one, its value."""
+    seeds = trial.user_attrs.get("objective_seeds")
+    return [float(v) for v in seeds] if seeds else [float(trial.value)]
+
+
+def test_error_seeds(trial: FrozenTrial) -> list[float]:
+    """Each replicate's test error; one (``test_error``) before seed replicates, none if untested."""
+    seeds = trial.user_attrs.get("test_error_seeds")
+    if seeds:
+        return [float(v) for v in seeds]
+    return [float(trial.user_attrs["test_error"])] if "test_error" in trial.user_attrs else []
 
 
 def trial_state(trial: FrozenTrial) -> str:
@@ -182,12 +206,21 @@ class StudySummary:
     m: int | None  # test-set size
     selected: int | None
     runner_up: int | None
-    comparison: PairedComparison | None
+    comparison: PairedComparison | None  # McNemar on one network each (replicate 0 when K > 1)
     metrics: dict[str, float]  # study-level numbers, also logged to the parent run
     notes: tuple[str, ...]
+    replicates: int | None = None  # K: the selected trial's training seeds
+    tied: tuple[TiedRow, ...] | None = None  # every other complete trial with ≥ 2 seeds; None: K < 2
+    left_out: tuple[int, ...] = ()  # complete trials with one seed, which no test can tie or separate
+    seed_comparison: SeedComparison | None = None  # against the runner-up, paired by seed
 
     def to_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in self.__dict__.items() if k != "comparison"}
+        nested = ("comparison", "tied", "seed_comparison")
+        data = {k: v for k, v in self.__dict__.items() if k not in nested}
+        data["tied"] = None if self.tied is None else [dataclasses.asdict(row) for row in self.tied]
+        data["seed_comparison"] = (
+            None if self.seed_comparison is None else dataclasses.asdict(self.seed_comparison)
+        )
         if self.comparison is not None:
             c = self.comparison
             data["comparison"] = {
@@ -249,6 +282,12 @@ def summarize_study(study: optuna.Study, cfg: StudyConfig, outputs: dict[int, Tr
             metrics["smallest_resolvable_difference"] = smallest_resolvable_difference(
                 comparison.n_discordant, comparison.m, delta
             )
+    replicates = len(objective_seeds(selected)) if selected else None
+    tied, left_out, seed_cmp = None, (), None
+    if replicates is not None and replicates >= 2:
+        tied, left_out, seed_cmp, seed_metrics, seed_notes = _across_seeds(ranked, delta, confidence)
+        metrics.update(seed_metrics)
+        notes.extend(seed_notes)
     return StudySummary(
         cfg.name,
         cfg.objective,
@@ -261,4 +300,47 @@ def summarize_study(study: optuna.Study, cfg: StudyConfig, outputs: dict[int, Tr
         comparison,
         metrics,
         tuple(notes),
+        replicates,
+        tied,
+        left_out,
+        seed_cmp,
     )
+
+
+def _across_seeds(ranked: list[FrozenTrial], delta: float, confidence: float):
+    """The tied set and the seed-paired runner-up comparison of a selected trial with K ≥ 2 seeds.
+
+    (tied rows, trials left out for having one seed, the comparison or None, metrics, notes).
+    """
+    selected, runner = ranked[0], (ranked[1] if len(ranked) > 1 else None)
+    k = len(objective_seeds(selected))
+    others = {t.number: objective_seeds(t) for t in ranked[1:]}
+    left_out = tuple(n for n, seeds in others.items() if len(seeds) < 2)
+    tied = tuple(tied_set(objective_seeds(selected), {n: s for n, s in others.items() if len(s) >= 2}, delta))
+    metrics: dict[str, float] = {"tied_set_size": sum(row.tied for row in tied)}
+    notes = []
+    if left_out:
+        one = len(left_out) == 1
+        notes.append(
+            f"the tied set leaves out trial{'' if one else 's'} {', '.join(map(str, left_out))} (one "
+            f"seed{'' if one else ' each'}: run before [training] seeds was set)"
+        )
+    seed_cmp = None
+    if runner is not None:
+        a, b = test_error_seeds(selected), test_error_seeds(runner)
+        if len(objective_seeds(runner)) != k:
+            notes.append(
+                f"trial {runner.number} (the runner-up) has {len(objective_seeds(runner))} seeds and trial "
+                f"{selected.number} has {k}: no comparison paired by seed"
+            )
+        elif len(a) != k or len(b) != k:
+            notes.append(
+                f"trials {selected.number} and {runner.number} do not both hold {k} per-seed test errors: "
+                "no comparison paired by seed"
+            )
+        else:
+            seed_cmp = seed_paired_difference(a, b, confidence)
+            metrics["runner_up_seed_difference"] = seed_cmp.difference
+            metrics["runner_up_seed_difference_low"] = seed_cmp.low
+            metrics["runner_up_seed_difference_high"] = seed_cmp.high
+    return tied, left_out, seed_cmp, metrics, notes

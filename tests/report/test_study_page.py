@@ -163,7 +163,7 @@ def study_run(tmp_path_factory):
         def boom(*_):
             raise RuntimeError("injected failure")
 
-        mp.setattr("pipeline.study.trial.build_model", boom)
+        mp.setattr("pipeline.study.trial.build_models", boom)
         with pytest.raises(RuntimeError, match="injected failure"):
             run_study(cfg, **kw)
         mp.undo()
@@ -255,6 +255,18 @@ def test_selection_and_comparison_come_from_validation_and_the_saved_predictions
     assert summary["metrics"]["union_hoeffding_epsilon"] == pytest.approx(
         math.sqrt(math.log(2 * 2 / 0.1) / (2 * 300))
     )
+
+
+@pytest.mark.slow  # shares the module's small study run
+def test_one_seed_per_trial_gives_no_tied_set_and_the_page_says_why(study_run):
+    """The study ran with [training] seeds = 1: no tied set, no comparison across seeds, a reason."""
+    folder = study_run["ws"]["reports_root"] / "tiny"
+    summary = json.loads((folder / "study" / "study_summary.json").read_text())
+    assert summary["replicates"] == 1 and summary["tied"] is None and summary["seed_comparison"] is None
+    assert "tied_set_size" not in summary["metrics"]
+    page = study_run["outcome"].page.read_text()
+    assert "<h2>Tied with the selected trial</h2>" in page
+    assert "seed noise (initialisation, batch order) cannot be separated from the configuration" in page
 
 
 @pytest.mark.slow  # shares the module's small study run
