@@ -18,6 +18,7 @@ from pipeline.config import ConfigError, load_study
 from pipeline.errors import UsageError
 from pipeline.ops import schedule
 from pipeline.signals import exit_code, sigint_note, signal_in, stop_name, stop_on_signals
+from pipeline.urls import redact
 
 EXIT_USAGE = 2  # bad study file, bad data, refused resume
 
@@ -240,7 +241,6 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 def cmd_storage(args: argparse.Namespace) -> int:
     from pipeline.storage import storage_spec  # lazy: start-up stays light
-    from pipeline.urls import redact
 
     spec = storage_spec(_load(args), args.storage)
     print(spec if args.unredacted else redact(spec))

@@ -25,6 +25,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter
 from numpy.typing import ArrayLike, NDArray
 from optuna.trial import TrialState
 from sklearn.metrics import ConfusionMatrixDisplay
@@ -249,6 +250,9 @@ class Plot:
     note: str = ""
 
 
+CONTOUR_MIN_TRIALS = 10  # complete trials before a contour plot is drawn
+
+
 def optuna_figures(study: optuna.Study, folder: Path, objective: str) -> dict[str, Plot]:
     """Optuna's matplotlib plots as PNGs; a plot that cannot be drawn says why instead.
 
@@ -285,10 +289,14 @@ def optuna_figures(study: optuna.Study, folder: Path, objective: str) -> dict[st
             lambda: ovm.plot_slice(study, params=params, target_name=objective),
             folder / "slice.png",
             (3.6 * len(params), 3.6),
+            legible_log_axes,
         )
-    if len(params) < 2 or n_complete < 2:
+    if len(params) < 2 or n_complete < CONTOUR_MIN_TRIALS:
         out["contour"] = Plot(
-            None, "a contour plot needs two varying parameters and at least 2 complete trials"
+            None,
+            f"contour plots are drawn from {CONTOUR_MIN_TRIALS} complete trials whose parameters vary "
+            f"(this study has {n_complete}, {len(params)} varying): from fewer points the "
+            "interpolated surface is mostly invented",
         )
     else:
         size = 3.3 * len(params) if len(params) > 2 else 6
@@ -300,8 +308,19 @@ def optuna_figures(study: optuna.Study, folder: Path, objective: str) -> dict[st
     return out
 
 
-def _pyplot_png(draw, path: Path, size: tuple[float, float]) -> Plot:
-    """Draw with pyplot, save, close; Optuna's warnings (other than "experimental") become the note."""
+def legible_log_axes(axes) -> None:
+    """Log x axes with at most a few labelled decades: Optuna labels every minor tick, and at
+    3.6 inches a panel the labels run into each other."""
+    for ax in np.ravel(axes):
+        if ax.get_xscale() == "log":
+            ax.xaxis.set_major_locator(LogLocator(numticks=4))
+            ax.xaxis.set_major_formatter(LogFormatterSciNotation())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _pyplot_png(draw, path: Path, size: tuple[float, float], post=None) -> Plot:
+    """Draw with pyplot, save, close; Optuna's warnings (other than "experimental") become the note.
+    ``post(axes)`` adjusts the drawn axes before saving."""
     with matplotlib.rc_context(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -312,6 +331,8 @@ def _pyplot_png(draw, path: Path, size: tuple[float, float]) -> Plot:
             return Plot(None, f"not drawn: {exc}")
         fig = np.ravel(axes)[0].figure
         try:
+            if post is not None:
+                post(axes)
             fig.set_size_inches(*size)
             save_figure(fig, path)
         finally:
@@ -337,8 +358,9 @@ def plot_forest(
         high = t.user_attrs.get("test_error_clopper_pearson_high", math.nan)
         blow, bhigh = bonferroni_clopper_pearson(o.k, o.m, delta, max(summary.n_tested, 1))
         color = "tab:red" if t.number == summary.selected else "tab:blue"
-        ax.plot([blow, bhigh], [y, y], color=color, alpha=0.35, lw=1.2)
-        ax.plot([low, high], [y, y], color=color, lw=3.5, solid_capstyle="butt")
+        ax.plot([blow, bhigh], [y, y], color=color, lw=1.6)  # Bonferroni: thin, with end caps
+        ax.plot([blow, bhigh], [y, y], "|", color=color, ms=11, mew=1.6)
+        ax.plot([low, high], [y, y], color=color, lw=5, alpha=0.55, solid_capstyle="butt")
         ax.plot([err], [y], "o", color=color, ms=5, mec="black", mew=0.5)
     labels = [
         f"trial {t.number}  {summary.objective}={t.value:.4g}"
@@ -350,7 +372,7 @@ def plot_forest(
     ax.grid(axis="x", alpha=0.3)
     pct = 100 * summary.confidence
     ax.set_title(
-        f"thick: {pct:g} % Clopper–Pearson per trial; thin: Bonferroni over N = {summary.n_tested}",
+        f"thick: {pct:g} % Clopper–Pearson per trial; thin, capped: Bonferroni over N = {summary.n_tested}",
         fontsize=9,
     )
     return save_figure(fig, path)
