@@ -250,10 +250,114 @@ def test_plots_write_non_blank_pngs(tmp_path) -> None:
     )
     degenerate = bounds.analyse_errors(np.zeros(400), 0.9, rng)
     bounds_plots.plot_bounds(None, 0.0, degenerate.intervals, 400, tmp_path / "d.png")
-    fresh = (rng.random((500, 400)) < 0.2).mean(axis=1)
-    bounds_plots.plot_true_distribution(fresh, 0.2, result.empirical_error, 400, tmp_path / "t.png")
     sets = rng.random((300, 400)) < 0.2
-    bounds_plots.plot_coverage(bounds.coverage(sets, 0.2, 0.9, rng, 10, 99), tmp_path / "c.png")
-    for name in ("b.png", "d.png", "t.png", "c.png"):
+    bounds_plots.plot_true_distribution(400, 0.2, result.empirical_error, tmp_path / "t.png", sets.mean(1))
+    bounds_plots.plot_true_distribution(400, 0.2, result.empirical_error, tmp_path / "e.png")
+    exact = bounds.exact_coverage(400, 0.2, 0.9, rng, 99)
+    bounds_plots.plot_coverage(exact, bounds.coverage(sets, 0.2, 0.9, rng, 10, 99), tmp_path / "c.png")
+    bounds_plots.plot_coverage(exact, (), tmp_path / "x.png")
+    names = ["b.png", "c.png", "d.png", "e.png", "t.png", "x.png"]
+    for name in names:
         _assert_real_png(tmp_path / name)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.png", "c.png", "d.png", "t.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+
+
+# --- exact coverage: Σ_k Binom(k; m, R)·[R ∈ I(k)] ---
+
+
+def _oracle_exact(m: int, p: float, confidence: float, method: str) -> tuple[float, float]:
+    """Oracle: the pmf sum and expected width written out with scipy.stats.binom, one k at a time,
+    with Clopper–Pearson's limits from scipy.stats.beta or Hoeffding's k/m ± sqrt(ln(2/δ)/(2m))."""
+    delta = 1 - confidence
+    covered, width = [], []
+    for k in range(m + 1):
+        if method == "clopper_pearson":
+            low = 0.0 if k == 0 else stats.beta.ppf(delta / 2, k, m - k + 1)
+            high = 1.0 if k == m else stats.beta.ppf(1 - delta / 2, k + 1, m - k)
+        else:
+            eps = math.sqrt(math.log(2 / delta) / (2 * m))
+            low, high = max(k / m - eps, 0.0), min(k / m + eps, 1.0)
+        pmf = stats.binom.pmf(k, m, p)
+        covered.append(pmf if low <= p <= high else 0.0)
+        width.append(pmf * (high - low))
+    return math.fsum(covered), math.fsum(width)
+
+
+@pytest.mark.parametrize(("m", "p"), [(100, 0.05), (2000, 0.15), (500, 0.5)])
+def test_exact_coverage_matches_an_independent_pmf_sum(m: int, p: float) -> None:
+    """Oracle: _oracle_exact above (scipy.stats.binom and scipy.stats.beta / Hoeffding's formula)."""
+    got = {c.method: c for c in bounds.exact_coverage(m, p, 0.9, bca="skip")}
+    assert tuple(got) == bounds.METHODS
+    for method in ("clopper_pearson", "hoeffding"):
+        coverage, width = _oracle_exact(m, p, 0.9, method)
+        assert got[method].coverage == pytest.approx(coverage, abs=1e-9), method
+        assert got[method].mean_width == pytest.approx(width, abs=1e-9), method
+        assert got[method].neglected == 0.0 and got[method].nominal == 0.9
+    assert math.isnan(got["bca"].coverage) and "not computed" in got["bca"].note
+
+
+@pytest.mark.parametrize("m", [30, 200, 2000])
+@pytest.mark.parametrize("confidence", [0.9, 0.95])
+def test_guaranteed_methods_exact_coverage_is_at_least_nominal(m: int, confidence: float) -> None:
+    """Oracle: the guarantee itself, now with no Monte Carlo slack (Clopper & Pearson 1934)."""
+    for p in (0.001, 0.01, 0.05, 0.1, 0.15, 0.2583, 0.5, 0.77, 0.999):
+        got = {c.method: c for c in bounds.exact_coverage(m, p, confidence, bca="skip")}
+        for method in ("clopper_pearson", "hoeffding", "empirical_bernstein"):
+            assert got[method].coverage >= confidence - 1e-12, (method, p)
+        assert 0.0 <= got["wilson"].coverage <= 1.0
+
+
+def test_exact_coverage_of_plug_in_chebyshev_misses_at_k_zero() -> None:
+    """Oracle: the pmf of k = 0, (1 − p)^m: Chebyshev's interval there is [0, 0] and misses p > 0."""
+    got = {c.method: c for c in bounds.exact_coverage(2000, 1e-3, 0.9, bca="skip")}
+    assert got["chebyshev"].coverage <= 1 - (1 - 1e-3) ** 2000 + 1e-12
+
+
+@pytest.mark.parametrize(("m", "p", "seed"), [(300, 0.2, 0), (150, 0.5, 1), (60, 0.1, 2), (25, 0.04, 3)])
+def test_bca_boundary_search_equals_evaluating_every_k(m: int, p: float, seed: int) -> None:
+    """Oracle: bca="all", every k with pmf above BCA_TAIL through bca_bootstrap, same seed."""
+    every = bounds.exact_coverage(m, p, 0.9, np.random.default_rng(seed), 199, bca="all")[-1]
+    search = bounds.exact_coverage(m, p, 0.9, np.random.default_rng(seed), 199)[-1]
+    assert search.coverage == every.coverage
+    assert search.neglected == every.neglected <= 1e-9
+    kept = int((stats.binom.pmf(np.arange(m + 1), m, p) > bounds.BCA_TAIL).sum())
+    assert f"{kept} of the {kept} k's" in every.note and math.isfinite(every.mean_width)
+    if m >= 150:  # large enough for the search to skip the middle of the covered run
+        assert f"of the {kept} k's" in search.note and f"{kept} of the {kept}" not in search.note
+        assert math.isnan(search.mean_width)
+
+
+def test_bca_exact_coverage_is_a_probability_near_brute_force_simulation() -> None:
+    """Oracle: brute force, BCa on 1500 simulated test sets with a fresh bootstrap each, within 4
+    standard errors of both Monte Carlo estimates (the exact sum's own noise: its bootstrap)."""
+    m, p, resamples = 40, 0.3, 199
+    exact = [
+        bounds.exact_coverage(m, p, 0.9, np.random.default_rng(seed), resamples, bca="all")[-1]
+        for seed in range(10)
+    ]
+    values = np.array([c.coverage for c in exact])
+    assert np.all((values >= 0) & (values <= 1))
+    assert all(not c.guaranteed and c.method == "bca" for c in exact)
+    rng = np.random.default_rng(123)
+    sets = rng.random((1500, m)) < p
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        boots = [bounds.bca_bootstrap(row, 0.9, rng, resamples).interval for row in sets]
+    brute = np.mean([b.available and b.low <= p <= b.high for b in boots])
+    se = math.sqrt(values.var(ddof=1) / values.size + brute * (1 - brute) / sets.shape[0])
+    assert values.mean() == pytest.approx(brute, abs=4 * se)
+
+
+def test_bca_exact_coverage_counts_k_zero_as_not_covering() -> None:
+    """Oracle: (1 − p)^m, the mass of k = 0, where BCa has no interval (all errors equal)."""
+    m, p = 30, 0.02
+    got = bounds.exact_coverage(m, p, 0.9, np.random.default_rng(0), 99)[-1]
+    assert 0 <= got.coverage <= 1 - (1 - p) ** m + 1e-12
+    assert "covers nothing" in got.note
+
+
+def test_exact_coverage_rejects_bad_inputs() -> None:
+    """Oracle: the input contract (R in [0, 1], m ≥ 2, a known BCa mode)."""
+    for args, kw in (((100, 1.5), {}), ((1, 0.5), {}), ((100, 0.5), {"bca": "some"})):
+        with pytest.raises(ValueError):
+            bounds.exact_coverage(*args, **kw)

@@ -28,9 +28,10 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter
 from numpy.typing import ArrayLike, NDArray
 from optuna.trial import TrialState
+from scipy import stats
 from sklearn.metrics import ConfusionMatrixDisplay
 
-from pipeline.bounds import Coverage, Interval
+from pipeline.bounds import Coverage, ExactCoverage, Interval
 from pipeline.compare import bonferroni_clopper_pearson
 from pipeline.data import Split
 from pipeline.evaluate import Evaluation, predict_logits
@@ -152,48 +153,86 @@ def plot_bounds(
 
 
 def plot_true_distribution(
-    fresh_errors: ArrayLike,
+    m: int,
     true_error: float,
     single_error: float,
-    m: int,
     path: str | os.PathLike[str],
+    fresh_errors: ArrayLike | None = None,
 ) -> None:
-    """Density histogram of R_T over many fresh test sets, with the true error and one set's R_T."""
-    errors = np.asarray(fresh_errors, dtype=float)
-    edges = error_histogram_bins(m, min(errors.min(), single_error), max(errors.max(), single_error))
+    """The exact distribution of R_T = k/m, k ~ Binomial(m, true_error), as a density over the
+    levels k/m, with the true error, one set's R_T and, if given, simulated fresh sets' R_T."""
+    fresh = np.asarray(fresh_errors if fresh_errors is not None else (), dtype=float)
+    k = np.arange(m + 1)
+    pmf = stats.binom.pmf(k, m, true_error)
+    visible = k[pmf >= 1e-4 * pmf.max()] / m  # beyond this the bars are thinner than a pixel
+    values = [visible.min(), visible.max(), single_error] + ([fresh.min(), fresh.max()] if fresh.size else [])
+    edges = error_histogram_bins(m, min(values), max(values))
+    first = round(edges[0] * m + 0.5)
+    levels = np.arange(first, first + len(edges) - 1)
     fig = Figure(figsize=(8, 5))
     ax = fig.add_subplot()
-    ax.hist(
-        errors, bins=edges, density=True, color="tab:blue", alpha=0.5, label=f"{errors.size} fresh test sets"
+    ax.stairs(
+        m * stats.binom.pmf(levels, m, true_error),
+        edges,
+        fill=True,
+        color="tab:blue",
+        alpha=0.5,
+        label=f"exact: Binomial(m, R)/m at R = {true_error:.4f}",
     )
+    if fresh.size:
+        # a few sets per level would be mostly empty bins: group levels, about 3 bins per binomial SD
+        group = max(1, round(math.sqrt(m * true_error * (1 - true_error)) / 3))
+        coarse = edges[0] + np.arange(math.ceil((len(edges) - 1) / group) + 1) * group / m
+        heights, _ = np.histogram(fresh, bins=coarse, density=True)
+        ax.stairs(
+            heights, coarse, color="black", linewidth=1, label=f"{fresh.size} simulated fresh test sets"
+        )
     ax.axvline(true_error, color="black", linewidth=1.5, label=f"true error {true_error:.4f}")
     ax.axvline(single_error, color="tab:red", linestyle="--", label=f"single test set {single_error:.4f}")
-    ax.set_title(f"Empirical test error over fresh test sets (m = {m})")
+    ax.set_title(f"Distribution of the test error over fresh test sets (m = {m})")
     ax.set_xlabel("test error")
     ax.set_ylabel("density")
     ax.legend(fontsize=8)
     save_figure(fig, path, dpi=100)
 
 
-def plot_coverage(coverages: Sequence[Coverage], path: str | os.PathLike[str]) -> None:
-    """Bar per method of the fraction of test sets whose interval held the true error, vs nominal."""
-    fig = Figure(figsize=(8, 4))
+def plot_coverage(
+    exact: Sequence[ExactCoverage], simulated: Sequence[Coverage], path: str | os.PathLike[str]
+) -> None:
+    """Bar per method of its exact coverage of the true error, vs nominal; simulated coverage over
+    fresh test sets, where there is one, as a dot with ± 2 binomial standard errors."""
+    fig = Figure(figsize=(8, 4.4))
     ax = fig.add_subplot()
-    shown = [c for c in coverages if math.isfinite(c.coverage)]
+    shown = [c for c in exact if math.isfinite(c.coverage)]
     x = np.arange(len(shown))
     colors = [_STYLE[c.guaranteed]["color"] for c in shown]
     ax.bar(x, [c.coverage for c in shown], color=colors)
-    ax.set_xticks(x, [f"{c.method}\n(n={c.n_sets})" for c in shown], fontsize=7)
+    ax.set_xticks(x, [c.method for c in shown], fontsize=7)
+    sims = {c.method: c for c in simulated if math.isfinite(c.coverage)}
+    values = [c.coverage for c in shown]
+    at = [i for i, c in enumerate(shown) if c.method in sims]
+    if at:
+        rates = np.array([sims[shown[i].method].coverage for i in at])
+        counts = np.array([sims[shown[i].method].n_sets for i in at])
+        two_se = 2 * np.sqrt(rates * (1 - rates) / counts)
+        ax.errorbar(at, rates, yerr=two_se, fmt="o", color="black", ms=4, capsize=3)
+        values += list(rates - two_se)
     nominal = shown[0].nominal if shown else math.nan
     ax.axhline(nominal, color="black", linestyle=":")
-    _limit_coverage_axis(ax, [c.coverage for c in shown] + [nominal])
+    _limit_coverage_axis(ax, values + [nominal])
     ax.set_ylabel("coverage")
-    handles = [Line2D([], [], color=_STYLE[g]["color"], linewidth=6, label=_KIND[g]) for g in (True, False)]
-    ax.legend(
-        handles=handles + [Line2D([], [], color="black", linestyle=":", label=f"nominal {nominal:g}")],
-        fontsize=8,
-    )
-    ax.set_title("Coverage of the true error")
+    handles = [
+        Line2D([], [], color=_STYLE[g]["color"], linewidth=6, label=f"exact, {_KIND[g]}")
+        for g in (True, False)
+    ]
+    if at:
+        n = int(counts.max())
+        handles.append(
+            Line2D([], [], color="black", marker="o", linestyle="", label=f"simulated, {n} sets, ± 2 SE")
+        )
+    handles.append(Line2D([], [], color="black", linestyle=":", label=f"nominal {nominal:g}"))
+    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4)
+    ax.set_title("Coverage of the true error: exact sum over k ~ Binomial(m, R)")
     save_figure(fig, path, dpi=100)
 
 
