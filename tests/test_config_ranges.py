@@ -160,6 +160,7 @@ def test_ranges_are_the_documented_ones():
         "training.batch_size": (0, inf, False, False),
         "training.seed": (0, 2**32 - 1, False, False),
         "training.population": (1, inf, False, False),
+        "training.seeds": (1, inf, False, False),
         "search.lr": (0, inf, True, False),
         "search.momentum": (0, 1, False, True),
         "search.weight_decay": (0, inf, False, False),
