@@ -72,6 +72,10 @@ export: $(VENV)/.installed ## write STUDY's selected trial to OUT (config, weigh
 bench: $(VENV)/.installed ## time the seed-style loop vs ours vs this machine's matmul rate (BENCH=--quick for a smoke run)
 	$(PY) -m pipeline bench $(BENCH)
 
+.PHONY: gpu-check
+gpu-check: $(VENV)/.installed ## on a CUDA device: oracles rerun there, trials/s one by one vs populations (reports/bench/gpu.md)
+	$(PY) scripts/gpu_check.py
+
 .PHONY: best studies delete dashboard
 best: $(VENV)/.installed ## print STUDY's selected trial: params, objective (mean over seeds), test error, report, weights
 	$(PY) -m pipeline best $(STUDY)

@@ -117,10 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = sub.add_parser(
         "rerun",
-        help="for cron: continue the study, retrain its selection with fresh seeds, flag drift "
-        "(exit 0 ok, 1 failed, 2 bad input, 3 drift, 4 another rerun holds the lock)",
+        help="for cron: continue the study, retrain its selection's replicates, test them against the "
+        "baseline (exit 0 reproduced, consistent or new baseline; 1 failed; 2 bad input; 3 drift; "
+        "4 another rerun holds the lock)",
     )
     _study_args(p)
+    p.add_argument(
+        "--rebaseline",
+        action="store_true",
+        help="freeze this rerun's replicates as the new baseline instead of testing against the old one",
+    )
     p = sub.add_parser("schedule", help="install, list or remove a crontab entry that reruns a study")
     schedule.add_arguments(p)
     p = sub.add_parser("report", help="rebuild the study page reports/<study>/index.html, no training")
@@ -206,7 +212,13 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     from pipeline.ops.rerun import rerun_main  # lazy: start-up stays light
 
     cfg = _load(args)
-    return rerun_main(cfg, storage=args.storage, tracking_uri=args.tracking_uri, trials=args.trials)
+    return rerun_main(
+        cfg,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        trials=args.trials,
+        rebaseline=args.rebaseline,
+    )
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:

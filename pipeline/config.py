@@ -52,6 +52,7 @@ NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]*")
 OBJECTIVES = {"val_acc": "maximize", "val_loss": "minimize"}
 SEARCHABLE = ("lr", "momentum", "weight_decay", "hidden", "activation")
 SEED_MAX = 2**32 - 1  # numpy's RandomState (Optuna's samplers) takes seeds below 2**32; one rule for all
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # [training] device; pipeline.device resolves it
 
 
 class ConfigError(UsageError, ValueError):
@@ -105,7 +106,24 @@ RANGES: dict[str, Range] = {
     "rerun.seeds": Range(2, why="must be >= 2 (a rerun reports the spread across seeds)"),
     "rerun.first_seed": _SEED,
     "rerun.trials": Range(0, why="must be >= 0"),
+    "rerun.alpha": _PROBABILITY,
+    "rerun.planned": Range(0, why="must be >= 0 (reruns planned against one baseline; 0 = not planned)"),
 }
+ALPHA_SPENDING = ("none", "bonferroni")
+
+# The rerun's drift test (pipeline.ops.drift.permutation_p_values) enumerates every split of the
+# baseline's and the rerun's replicates up to this many splits (C(20, 10) = 184 756: 10 seeds vs 10),
+# and beyond draws this many seeded random splits.
+PERMUTATION_EXACT_LIMIT = 200_000
+PERMUTATION_RESAMPLES = 199_999
+
+
+def smallest_p_value(seeds: int) -> float:
+    """The smallest two-sided p-value the drift test can return for ``seeds`` replicates against as
+    many: 2 / C(2K, K) when it enumerates the splits (one extreme split in each tail), else
+    2 / (resamples + 1). A per-rerun alpha below it can never flag drift."""
+    splits = math.comb(2 * seeds, seeds)
+    return 2 / splits if splits <= PERMUTATION_EXACT_LIMIT else 2 / (PERMUTATION_RESAMPLES + 1)
 
 
 @dataclass(frozen=True)
@@ -138,6 +156,7 @@ class TrainingConfig:
     precision: str = "full"  # full (every op in dtype) | bf16 (forward under bfloat16 autocast; float32 only)
     population: int = 1  # trials trained at once as one batched computation (pipeline.population)
     seeds: int = 1  # training seeds per trial (replicates); the objective is their mean
+    device: str = "auto"  # auto (CUDA when available, else CPU) | cpu | cuda | cuda:N (pipeline.device)
 
 
 @dataclass(frozen=True)
@@ -192,9 +211,18 @@ class GradcheckConfig:
 
 @dataclass(frozen=True)
 class RerunConfig:
-    seeds: int = 5  # training seeds the selected configuration is retrained with per rerun (>= 2)
-    first_seed: int = 1  # seeds are first_seed, first_seed + 1, ...: fixed, so an unchanged rerun repeats
+    seeds: int = 10  # replicates per rerun and baseline; the test reaches alpha 0.01 from 5, 0.01/365 from 10
+    first_seed: int = 1  # seeds are first_seed, first_seed + 1, ...; the baseline freezes the list
     trials: int = 0  # trial target a rerun continues the study to; 0 = the study's own `trials`
+    alpha: float = 0.01  # drift test's false-alarm rate (two-sided permutation test vs the baseline)
+    alpha_spending: str = "none"  # none: each rerun tests at alpha | bonferroni: at alpha / planned
+    planned: int = 0  # reruns planned against one baseline (bonferroni's N, e.g. 365); 0 = not planned
+
+    @property
+    def alpha_per_rerun(self) -> float:
+        """The level each rerun's test is run at: alpha, or alpha / planned under Bonferroni (which
+        keeps the chance of any false alarm over the planned reruns at most alpha)."""
+        return self.alpha / self.planned if self.alpha_spending == "bonferroni" else self.alpha
 
 
 @dataclass(frozen=True)
@@ -233,6 +261,8 @@ class StudyConfig:
         data = self.to_dict()
         if self.training.seeds == 1:  # the default leaves the hash of a study written before the key
             del data["training"]["seeds"]
+        del data["training"]["device"]  # where it runs, not what: the resolved device is in the provenance
+        del data["rerun"]  # how reruns test the selection, not what a trial computes
         blob = json.dumps(data, sort_keys=True, default=list).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -443,6 +473,43 @@ def _search(where: str, table: Any) -> dict[str, ParamSpec]:
     return specs
 
 
+def _validate_rerun(rerun: RerunConfig, bad: typing.Callable[[str, Any, str], ConfigError]) -> None:
+    """The drift test's alpha policy: a known spending rule, and an alpha the test can reach."""
+    if rerun.alpha_spending not in ALPHA_SPENDING:
+        raise bad(
+            "rerun.alpha_spending",
+            rerun.alpha_spending,
+            "must be 'none' (each rerun tests at alpha) or 'bonferroni' (each at alpha / planned)",
+        )
+    if rerun.alpha_spending == "none":
+        if rerun.planned:
+            raise bad(
+                "rerun.planned",
+                rerun.planned,
+                "is only used with alpha_spending = 'bonferroni'; set that, or remove planned",
+            )
+        return
+    if not rerun.planned:
+        raise bad(
+            "rerun.planned",
+            rerun.planned,
+            "alpha_spending = 'bonferroni' tests each rerun at alpha / planned; set planned to the "
+            "number of reruns the schedule makes against one baseline (e.g. 365: a year of daily reruns)",
+        )
+    floor = smallest_p_value(rerun.seeds)
+    if floor > rerun.alpha_per_rerun:
+        enough = next((k for k in range(rerun.seeds, 12) if smallest_p_value(k) <= rerun.alpha_per_rerun), 0)
+        raise bad(
+            "rerun.seeds",
+            rerun.seeds,
+            f"with alpha_spending = 'bonferroni' each rerun tests at alpha / planned = "
+            f"{rerun.alpha:g} / {rerun.planned} = {rerun.alpha_per_rerun:.3g}, but {rerun.seeds} "
+            f"replicates against {rerun.seeds} give no p-value below {floor:.3g}, so drift could never "
+            f"be flagged; " + (f"use seeds >= {enough}, or " if enough else "use ") + "a larger alpha "
+            "or a smaller planned",
+        )
+
+
 def _validate(cfg: StudyConfig, where: str) -> StudyConfig:
     """Range checks across sections; fills in the dataset's default classes."""
 
@@ -483,6 +550,12 @@ def _validate(cfg: StudyConfig, where: str) -> StudyConfig:
             tr.precision,
             "bf16 autocast needs dtype = 'float32' and backward = 'autograd'; use precision = 'full'",
         )
+    if not DEVICE_PATTERN.fullmatch(tr.device):
+        raise bad(
+            "training.device",
+            tr.device,
+            "must be 'auto', 'cpu', 'cuda' or 'cuda:N' (N = the GPU's index), e.g. device = 'cuda:0'",
+        )
     if tr.population > 1 and tr.backward != "autograd":
         raise bad(
             "training.population",
@@ -504,6 +577,7 @@ def _validate(cfg: StudyConfig, where: str) -> StudyConfig:
             f"the rerun's training seeds run to first_seed + seeds - 1 = {last_seed}; "
             f"keep that <= {SEED_MAX} (2**32 - 1)",
         )
+    _validate_rerun(cfg.rerun, bad)
 
     for key, spec in cfg.search.items():
         if key == "activation":

@@ -18,7 +18,7 @@ import struct
 import tarfile
 import tempfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +119,16 @@ class Split:
     @property
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_train.device
+
+    def to(self, device: torch.device | str) -> Split:
+        """A copy with the six tensors on ``device`` (this one unchanged). The hash stays: it is the
+        data's, and the ground truth keeps sampling on the CPU, where its generators are."""
+        tensors = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+        return replace(self, **{name: getattr(self, name).to(device) for name in tensors})
 
 
 def class_names(source: str) -> tuple[str, ...]:

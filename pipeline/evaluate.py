@@ -1,4 +1,8 @@
-"""Evaluate stage: predictions, confusion matrix, classification report and the 0/1 error vector."""
+"""Evaluate stage: predictions, confusion matrix, classification report and the 0/1 error vector.
+
+The model runs where its weights are; inputs are moved there chunk by chunk and the logits come
+back to the inputs' device, so a CPU sample (the ground truth's) works with a CUDA model.
+"""
 
 from __future__ import annotations
 
@@ -36,15 +40,19 @@ class Evaluation:
 
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    dtype = next(model.parameters()).dtype
-    return torch.cat([model(x[i : i + chunk].to(dtype)) for i in range(0, len(x), chunk)])
+    weight = next(model.parameters())
+    parts = [
+        model(x[i : i + chunk].to(weight.device, weight.dtype)).to(x.device) for i in range(0, len(x), chunk)
+    ]
+    return torch.cat(parts)
 
 
 def evaluate(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, classes: tuple[str, ...], loss: str = "ce"
 ) -> Evaluation:
     logits = predict_logits(model, x)
-    return summarize(y.numpy(), logits.argmax(1).numpy(), classes, loss_fn(loss, logits, y).item())
+    predictions = logits.argmax(1).cpu().numpy()
+    return summarize(y.cpu().numpy(), predictions, classes, loss_fn(loss, logits, y).item())
 
 
 def summarize(

@@ -12,9 +12,13 @@ another; within a group, narrower members are zero-padded to the widest: a padde
 weights in and out, so its output and every gradient that reaches it are exactly zero, and it
 stays zero. A group's size is capped so its activations stay in cache (``CPU_GROUP_ELEMENTS``,
 ``MAX_PADDING``; ``group_limit=None`` lifts both): on this CPU that batches tiny models (the 2-D
-studies) and leaves wide ones (CIFAR-2) one per group.
+studies) and leaves wide ones (CIFAR-2) one per group. On a GPU the default (``"auto"``) sets no
+cap: one group per activation.
 A member that diverges, or whose callback asks to stop (pruning), is written back to its model
 and dropped from its group; the others go on.
+
+Everything runs on the split's device (the members are moved there); the batch orders are drawn
+on the CPU from CPU generators, as ``train`` draws them, and moved to the device.
 
 The Optuna side, asking K trials and telling each its outcome, is ``pipeline.study.population``.
 """
@@ -61,6 +65,12 @@ CPU_GROUP_ELEMENTS = 1 << 17
 MAX_PADDING = 4
 
 
+def group_limit_for(device: torch.device) -> int | None:
+    """The default group cap: ``CPU_GROUP_ELEMENTS`` on the CPU (cache-bound), none on a GPU, where
+    one batched computation over every member is what fills the device."""
+    return CPU_GROUP_ELEMENTS if device.type == "cpu" else None
+
+
 class StackedMLP:
     """One group's parameters: per layer ``W`` [K, in, out] and ``b`` [K, 1, out], zero-padded."""
 
@@ -78,10 +88,11 @@ class StackedMLP:
         self.activation = activations.pop()
         self.weights: list[torch.Tensor] = []
         self.biases: list[torch.Tensor] = []
+        device = models[0].linears[0].weight.device  # the members' device (train_sets moved them)
         with torch.no_grad():
             for i in range(depth):
-                w = torch.zeros(k, ins[i], outs[i], dtype=dtype)
-                b = torch.zeros(k, 1, outs[i], dtype=dtype)
+                w = torch.zeros(k, ins[i], outs[i], dtype=dtype, device=device)
+                b = torch.zeros(k, 1, outs[i], dtype=dtype, device=device)
                 for j, model in enumerate(models):
                     layer = model.linears[i]
                     w[j, : layer.in_features, : layer.out_features] = layer.weight.T
@@ -144,10 +155,10 @@ class StackedSGD:
         for h in hypers:
             if h.lr <= 0 or not 0 <= h.momentum < 1 or h.weight_decay < 0:
                 raise ValueError(f"{h}: need lr > 0, momentum in [0, 1), weight_decay >= 0")
-        dtype = params[0].dtype
-        self.neg_lr = torch.tensor([-h.lr for h in hypers], dtype=dtype)
-        self.momentum = torch.tensor([h.momentum for h in hypers], dtype=dtype)
-        self.weight_decay = torch.tensor([h.weight_decay for h in hypers], dtype=dtype)
+        on = {"dtype": params[0].dtype, "device": params[0].device}
+        self.neg_lr = torch.tensor([-h.lr for h in hypers], **on)
+        self.momentum = torch.tensor([h.momentum for h in hypers], **on)
+        self.weight_decay = torch.tensor([h.weight_decay for h in hypers], **on)
         self.buffers: list[torch.Tensor] | None = None
         self._bind(params)
 
@@ -269,22 +280,23 @@ class _Group:
         if len(own) > 1:
             self.generators = [torch.Generator().manual_seed(batch_order_seed(seeds[i])) for i in members]
 
-    def orders(self, n: int, shuffle: bool) -> torch.Tensor | None:
-        """This epoch's permutation: [n] shared, [K, n] one per member, or None (no shuffling)."""
+    def orders(self, n: int, shuffle: bool, device: torch.device) -> torch.Tensor | None:
+        """This epoch's permutation: [n] shared, [K, n] one per member, or None (no shuffling);
+        drawn on the CPU (the generators are CPU ones), returned on ``device``."""
         if not shuffle:
             return None
         if len(self.generators) == 1:
-            return torch.randperm(n, generator=self.generators[0])
-        return torch.stack([torch.randperm(n, generator=g) for g in self.generators])
+            return torch.randperm(n, generator=self.generators[0]).to(device)
+        return torch.stack([torch.randperm(n, generator=g) for g in self.generators]).to(device)
 
     def epoch(self, x, y, order, batch: int, config: TrainingConfig) -> tuple[list[float], list[float]]:
         """One epoch of steps; every member's mean training loss and accuracy."""
         n = len(x)
-        loss_sum = torch.zeros(len(self.members), dtype=torch.float64)
-        correct = torch.zeros(len(self.members), dtype=torch.long)
+        loss_sum = torch.zeros(len(self.members), dtype=torch.float64, device=x.device)
+        correct = torch.zeros(len(self.members), dtype=torch.long, device=x.device)
         for xb, yb in member_batches(x, y, order, batch):
             self.optimizer.zero_grad()
-            with autocast(config.precision):
+            with autocast(config.precision, x.device.type):
                 logits = self.stack.forward(xb)
                 if len(self.members) == 1:  # one member: its plain loss, no batched bookkeeping
                     total = loss_fn(config.loss, logits.squeeze(0), yb)
@@ -301,8 +313,8 @@ class _Group:
     @torch.inference_mode()
     def evaluate(self, x, y, loss: str, chunk: int = 8192) -> tuple[list[float], list[float]]:
         """Every member's mean loss and accuracy over a split (``train.loss_and_accuracy``)."""
-        total = torch.zeros(len(self.members), dtype=torch.float64)
-        correct = torch.zeros(len(self.members), dtype=torch.long)
+        total = torch.zeros(len(self.members), dtype=torch.float64, device=x.device)
+        correct = torch.zeros(len(self.members), dtype=torch.long, device=x.device)
         for start in range(0, len(x), chunk):
             logits = self.stack.forward(x[start : start + chunk])
             yb = y[start : start + chunk]
@@ -314,7 +326,7 @@ class _Group:
         if not rows:
             self.members = []
             return
-        index = torch.tensor(rows, dtype=torch.long)
+        index = torch.tensor(rows, dtype=torch.long, device=self.stack.weights[0].device)
         self.stack.keep(index)
         self.optimizer.keep(index, self.stack.parameters)
         self.members = [self.members[r] for r in rows]
@@ -328,7 +340,7 @@ def train_population(
     hypers: Sequence[Hyper],
     config: TrainingConfig,
     on_epoch: Sequence[Callback | None] | None = None,
-    group_limit: int | None = CPU_GROUP_ELEMENTS,
+    group_limit: int | None | str = "auto",
     seeds: Sequence[int] | None = None,
 ) -> list[TrainResult]:
     """Train every model in place; one result per model, as ``train`` would give it.
@@ -358,7 +370,7 @@ def train_sets(
     config: TrainingConfig,
     sets: Sequence[Sequence[int]],
     on_epoch: Sequence[SetCallback | None] | None = None,
-    group_limit: int | None = CPU_GROUP_ELEMENTS,
+    group_limit: int | None | str = "auto",
     seeds: Sequence[int] | None = None,
 ) -> list[TrainResult]:
     """``train_population`` over sets of members that train in lockstep and stop together.
@@ -385,14 +397,15 @@ def train_sets(
             f"callback per set; got {len(hypers)} hypers, {len(seeds)} seeds, sets {list(sets)}, "
             f"{len(on_epoch)} callbacks"
         )
-    dtype = DTYPES[config.dtype]
+    dtype, device = DTYPES[config.dtype], split.x_train.device
+    limit = group_limit_for(device) if group_limit == "auto" else group_limit  # "auto": by the device
     for model in models:
-        model.to(dtype)
+        model.to(device=device, dtype=dtype)
     data = (split.x_train.to(dtype), split.y_train, split.x_val.to(dtype), split.y_val)
     batch = config.batch_size or len(split.y_train)
     set_of = {i: n for n, s in enumerate(sets) for i in s}
     results: list[TrainResult | None] = [None] * k
-    for group_members in plan_groups(models, batch, group_limit, sets):
+    for group_members in plan_groups(models, batch, limit, sets):  # type: ignore[arg-type]
         group = _Group(group_members, models, hypers, seeds, dtype)
         inside = sorted({set_of[i] for i in group_members})
         with step_threads(sum(step_macs(models[i], batch) for i in group_members)):
@@ -411,7 +424,7 @@ def _train_group(group: _Group, models, config, sets, inside, on_epoch, data) ->
     live = list(inside)  # the sets still training
     started = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
-        train_loss, train_acc = group.epoch(x, y, group.orders(n, config.shuffle), batch, config)
+        train_loss, train_acc = group.epoch(x, y, group.orders(n, config.shuffle, x.device), batch, config)
         val_loss, val_acc = group.evaluate(x_val, y_val, config.loss)
         diverged = set()
         for row, member in enumerate(group.members):

@@ -32,6 +32,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from sqlalchemy.engine import make_url
 
 import pipeline
+from pipeline import device as devices
 from pipeline.errors import UsageError
 from pipeline.urls import redact
 
@@ -182,8 +183,9 @@ def log_dataset(mlflow: MlflowClient, run_id: str, name: str, source: str, diges
     mlflow.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset, tags=[context])])
 
 
-def provenance() -> dict[str, str]:
-    """Git commit and package versions, attached to every run."""
+def provenance(device: torch.device | None = None) -> dict[str, str]:
+    """Git commit and package versions, attached to every run; with ``device`` also where it
+    trained (``pipeline.device.describe``: device, its name, CUDA / cuDNN / driver versions)."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],
@@ -212,6 +214,7 @@ def provenance() -> dict[str, str]:
         "numpy": numpy.__version__,
         "scikit_learn": sklearn.__version__,
         "pipeline": pipeline.__version__,
+        **(devices.describe(device) if device is not None else {}),
     }
 
 

@@ -2,8 +2,10 @@
 
 Batches are slices of a seeded permutation of the whole split held as one tensor (no per-sample
 DataLoader), and the loss is summed on-device so there is one host sync per epoch, not per step.
-With ``precision = "bf16"`` the forward pass and loss run under CPU bfloat16 autocast (weights,
+With ``precision = "bf16"`` the forward pass and loss run under bfloat16 autocast (weights,
 gradients and the update stay float32); ``pipeline bench`` measures its speed and accuracy cost.
+Training runs on the split's device (``Split.to``); the batch order is drawn on the CPU from a
+CPU generator, so CPU and CUDA runs see the same batches.
 """
 
 from __future__ import annotations
@@ -101,8 +103,8 @@ def loss_and_accuracy(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = "ce", chunk: int = 8192
 ) -> tuple[float, float]:
     """Mean loss and accuracy over a whole split, evaluated in chunks to bound memory."""
-    total = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.long)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
     for start in range(0, len(x), chunk):
         logits = model(x[start : start + chunk])
         yb = y[start : start + chunk]
@@ -111,10 +113,11 @@ def loss_and_accuracy(
     return total.item() / len(x), correct.item() / len(x)
 
 
-def autocast(precision: str) -> contextlib.AbstractContextManager:
-    """The context for one forward pass and loss: bf16 autocast, or nothing for full precision."""
+def autocast(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:
+    """The context for one forward pass and loss: bf16 autocast on ``device_type`` ("cpu",
+    "cuda"), or nothing for full precision."""
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -189,27 +192,27 @@ def train(
 
 
 def _train(model, split, hyper, config, on_epoch) -> TrainResult:
-    dtype = DTYPES[config.dtype]
-    model.to(dtype)
+    dtype, device = DTYPES[config.dtype], split.x_train.device
+    model.to(device=device, dtype=dtype)
     x, y = split.x_train.to(dtype), split.y_train
     x_val, y_val = split.x_val.to(dtype), split.y_val
     n = len(x)
     batch = config.batch_size or n
-    order_gen = torch.Generator().manual_seed(batch_order_seed(config.seed))
+    order_gen = torch.Generator().manual_seed(batch_order_seed(config.seed))  # a CPU stream on every device
     optimizer = ManualSGD(model.parameters(), hyper.lr, hyper.momentum, hyper.weight_decay)
     history: list[EpochRecord] = []
     started = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         model.train()
-        order = torch.randperm(n, generator=order_gen) if config.shuffle else None
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        correct = torch.zeros((), dtype=torch.long)
+        order = torch.randperm(n, generator=order_gen).to(device) if config.shuffle else None
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
         for xb, yb in batches(x, y, order, batch):
             optimizer.zero_grad()
             if config.backward == "manual":
                 loss, logits = set_manual_gradients(model, xb, yb, config.loss)
             else:
-                with autocast(config.precision):
+                with autocast(config.precision, device.type):
                     logits = model(xb)
                     loss = loss_fn(config.loss, logits, yb)
                 loss.backward()

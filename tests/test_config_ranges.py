@@ -174,6 +174,8 @@ def test_ranges_are_the_documented_ones():
         "rerun.seeds": (2, inf, False, False),
         "rerun.first_seed": (0, 2**32 - 1, False, False),
         "rerun.trials": (0, inf, False, False),
+        "rerun.alpha": (0, 1, True, True),
+        "rerun.planned": (0, inf, False, False),
     }
     assert SEED_MAX == 2**32 - 1 and all(RANGES[k] == RANGES["sampler.seed"] for k in SEED_KEYS)
 

@@ -30,6 +30,7 @@ FLOORS = [
         "pipeline.bounds",
         "pipeline.gradcheck",
         "pipeline.stacked",
+        "pipeline.device",
     },
     {"pipeline.storage", "pipeline.journal", "pipeline.tracking", "pipeline.signals", "pipeline.compare"},
     {"pipeline.report"},

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from pipeline import files
+from pipeline.bench.drift import drift_false_alarms, format_drift
 from pipeline.bench.speed import (
     HIDDEN,
     TRIAL_EPOCHS,
@@ -118,6 +119,9 @@ def run_bench(
         log(f"pruning's saving: {trials} trials x {epochs_} epochs without and with the median pruner ...")
         with tempfile.TemporaryDirectory(prefix="bench-pruning-") as tmp:
             result.extras["pruning"] = pruning_saving(trials, epochs_, fashion is not None, Path(tmp))
+    pool, draws = (24, 200) if quick else (200, 5000)
+    log(f"drift test on the demo's selection: {pool} replicates, {draws} simulated reruns ...")
+    result.extras["drift"] = drift_false_alarms(pool_seeds=pool, draws=draws, log=log)
     result.extras["machine"]["load_average_at_end"] = os.getloadavg()[0]
     return result
 
@@ -251,6 +255,8 @@ def format_report(result: BenchResult) -> str:
             f"bf16 {_mean_sd(bf16)}; bf16 - full per seed: "
             f"{', '.join(f'{d:+.4f}' for d in b['test_acc_bf16_minus_full'])}.",
         ]
+    if "drift" in x:
+        out += format_drift(x["drift"])
     return "\n".join(out) + "\n"
 
 

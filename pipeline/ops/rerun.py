@@ -1,4 +1,4 @@
-"""Scheduled reruns: continue a study, retrain its selected configuration with fresh seeds, flag drift.
+"""Scheduled reruns: continue a study, retrain its selected configuration, test it against a baseline.
 
 A rerun is safe under cron or a systemd timer. It holds a per-study kernel lock (``fcntl.flock`` on
 ``reports/<study>/rerun.lock``; the kernel drops it when the process dies, SIGKILL included, so a
@@ -7,14 +7,20 @@ bars unless stderr is a terminal, and exits with a code a scheduler can act on (
 
 What one rerun does: (1) continue the study to its trial target (``[rerun] trials``, else the
 study's ``trials``), resuming whatever is unfinished; (2) retrain the selected configuration (the
-study's best trial by the validation objective, never by test) with the training seeds
-``first_seed … first_seed + seeds − 1`` and test each model; (3) append one record to
-``reports/<study>/reruns.json`` (written atomically) and log it as an MLflow run tagged
-``rerun=true`` in the study's experiment, with date, git commit, package versions and split hash.
+study's best trial by the validation objective, never by test) once per replicate seed and test
+each model; (3) judge it and append one record to ``reports/<study>/reruns.json`` (written
+atomically), logged as an MLflow run tagged ``rerun=true`` in the study's experiment.
 
-The seeds are fixed by the ``[rerun]`` table, not drawn per date: an unchanged setup reproduces
-the previous rerun's numbers exactly (no drift), so any movement comes from a change of code,
-versions, data, study or selection — which the record's provenance shows next to the drift.
+The judgement. The first rerun (or ``--rebaseline``, or a history from before baselines) freezes
+a *baseline*: the selected configuration, its ``[rerun] seeds`` replicates' test errors, their
+seed list, the provenance, and every replicate's test logits (``rerun-baseline-<index>.npz``
+beside the history). Every later rerun trains the baseline's configuration with the baseline's
+seeds and is tested against it, never against the previous rerun: the test set is the same every
+time, so what varies is the training seed. Verdicts: ``reproduced`` (test predictions bitwise the
+baseline's), ``consistent`` (the numbers moved, not significantly; the record lists what changed
+in the provenance), ``drift`` (the permutation test's p ≤ alpha, exit 3). A study that now selects
+another configuration is ``selection_changed``: never drift; that configuration gets a baseline of
+its own, frozen by that rerun.
 """
 
 from __future__ import annotations
@@ -33,15 +39,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 
+from pipeline import device as devices
 from pipeline import files, tracking
-from pipeline.config import ConfigError, StudyConfig
-from pipeline.data import DataError, Split, load_split
+from pipeline.config import StudyConfig
+from pipeline.data import Split, load_split
+from pipeline.errors import UsageError
 from pipeline.ops.drift import (
-    Drift,
-    detect_drift,
+    Verdict,
+    compare,
+    describe_test,
+    environment,
     exact_interval,
+    freeze,
+    predictions_digest,
     rerun_seeds,
     rerun_trials,
     retrain,
@@ -52,16 +65,21 @@ from pipeline.report.reruns import (
     HISTORY_FILE,
     PLOT_FILE,
     RerunError,
+    current_baseline,
     load_history,
+    load_predictions,
     params_text,
+    predictions_name,
     save_history,
+    save_predictions,
 )
 from pipeline.report.study_page import regenerate
+from pipeline.seeds import derive_seed
 from pipeline.signals import signal_in, stop_on_signals
-from pipeline.storage import StudyError, open_storage, ranked_trials, redact, storage_spec
+from pipeline.storage import open_storage, ranked_trials, redact, storage_spec
 from pipeline.study.run import run_study
 
-EXIT_OK = 0  # ran; no drift (or the first rerun: nothing to compare with)
+EXIT_OK = 0  # ran: reproduced, consistent, a baseline frozen, or the selection changed (new baseline)
 
 
 EXIT_FAILED = 1  # an error or a signal stopped the rerun; see rerun.log; no record was added
@@ -70,7 +88,7 @@ EXIT_FAILED = 1  # an error or a signal stopped the rerun; see rerun.log; no rec
 EXIT_USAGE = 2  # bad study file, data or history file (the message says which and how to fix it)
 
 
-EXIT_DRIFT = 3  # ran and drift was detected against the previous rerun
+EXIT_DRIFT = 3  # ran, and the replicates differ significantly from the baseline's (p <= alpha)
 
 
 EXIT_LOCKED = 4  # another rerun of this study holds the lock; nothing was done
@@ -120,7 +138,7 @@ def study_lock(folder: Path) -> Iterator[Path]:
 @dataclass(frozen=True)
 class RerunOutcome:
     record: dict[str, Any]  # what was appended to reruns.json
-    drift: Drift
+    verdict: Verdict
     history: Path
     run_id: str  # the rerun's MLflow run
 
@@ -134,14 +152,20 @@ def run_rerun(
     trials: int | None = None,
     progress: bool | None = None,
     now: dt.datetime | None = None,
+    rebaseline: bool = False,
 ) -> RerunOutcome:
-    """One rerun under the study's lock; raises ``RerunLocked`` if another one is running."""
+    """One rerun under the study's lock; raises ``RerunLocked`` if another one is running.
+
+    ``rebaseline``: freeze a new baseline from this rerun instead of testing against the old one.
+    """
     folder = reports_root / cfg.name
     with study_lock(folder), _file_log(folder / LOG_FILE):
-        return _rerun(cfg, folder, storage, tracking_uri, reports_root, trials, progress, now)
+        return _rerun(cfg, folder, storage, tracking_uri, reports_root, trials, progress, now, rebaseline)
 
 
-def _rerun(cfg, folder, storage, tracking_uri, reports_root, trials, progress, now) -> RerunOutcome:
+def _rerun(
+    cfg, folder, storage, tracking_uri, reports_root, trials, progress, now, rebaseline
+) -> RerunOutcome:
     date = (now or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds")
     history_path = folder / HISTORY_FILE
     history = load_history(history_path)  # a corrupt history stops the rerun before any work
@@ -173,12 +197,26 @@ def _rerun(cfg, folder, storage, tracking_uri, reports_root, trials, progress, n
     if not ranked:
         raise RerunError(f"study {cfg.name!r} has no completed trial to retrain")
     best = ranked[0]
+    base_index = current_baseline(history)
+    base = history[base_index] if base_index is not None else None
+    reason = _freeze_reason(history, base, best.params, rebaseline)
+    seeds = rerun_seeds(cfg) if reason or base is None else tuple(base["seeds"])
+    if not reason and seeds != rerun_seeds(cfg):
+        log.info(
+            "[rerun] seeds and first_seed give the seeds %s, but baseline #%d froze %s: those are used "
+            "(pipeline rerun --rebaseline adopts the file's)",
+            list(rerun_seeds(cfg)),
+            base_index,
+            list(seeds),
+        )
 
-    # (2) retrain the selection with the fixed rerun seeds
-    split = load_split(cfg.dataset)
+    # (2) retrain the selection once per replicate seed
+    device = devices.resolve(cfg.training.device)
+    devices.set_precision(cfg.training.precision)
+    split = load_split(cfg.dataset).to(device)
     mlflow = tracking.client(tracking_uri)
     exp_id = tracking.experiment_id(mlflow, cfg.name)
-    prov = tracking.provenance()
+    prov = {**tracking.provenance(device), **environment()}
     run_id = mlflow.create_run(
         exp_id,
         run_name=f"rerun-{date}",
@@ -197,21 +235,18 @@ def _rerun(cfg, folder, storage, tracking_uri, reports_root, trials, progress, n
     ).info.run_id
     status = "FAILED"
     try:
-        seeds = rerun_seeds(cfg)
-        results = []
-        for seed in seeds:
-            res = retrain(cfg, split, best.params, seed)
+        results, logits = retrain(cfg, split, best.params, seeds)
+        for res in results:
             log.info(
                 "seed %d: test error %.4f (%d/%d), %s",
-                seed,
+                res.seed,
                 res.test_error,
                 res.test_k,
                 res.test_m,
                 res.outcome,
             )
-            results.append(res)
 
-        # (3) record, compare with the previous rerun, keep the history
+        # (3) record, judge against the baseline, keep the history
         confidence = cfg.bounds.confidence
         record: dict[str, Any] = {
             "date": date,
@@ -231,20 +266,42 @@ def _rerun(cfg, folder, storage, tracking_uri, reports_root, trials, progress, n
             "confidence": confidence,
             "seeds": list(seeds),
             "test_errors": [r.test_error for r in results],
+            "test_k": [r.test_k for r in results],
             "val_accs": [r.val_acc for r in results],
             "seed_clopper_pearson": [list(r.clopper_pearson) for r in results],
             "diverged_seeds": [r.seed for r in results if r.outcome != "completed"],
             **summarize_seeds(results, confidence),
+            "predictions_sha256": predictions_digest(logits),
             "split_hash": split.split_hash,
             "config_hash": cfg.config_hash(),
             "provenance": prov,
+            "test": describe_test(len(seeds)),
+            "alpha_family": cfg.rerun.alpha,
+            "alpha_spending": cfg.rerun.alpha_spending,
+            "planned": cfg.rerun.planned,
         }
-        drift = detect_drift(history[-1] if history else None, record)
-        record["drift"] = drift.to_dict()
+        alpha = cfg.rerun.alpha_per_rerun
+        if reason:
+            verdict = freeze(reason, alpha, base, base_index, record)
+            record["predictions_file"] = predictions_name(len(history))
+            save_predictions(folder / record["predictions_file"], logits, seeds)
+        else:
+            comparison = 1 + sum(r.get("baseline") == base_index for r in history)
+            stored = load_predictions(folder / base.get("predictions_file", ""))
+            if stored is None:
+                log.warning(
+                    "baseline #%d's predictions (%s) are missing or unreadable: reproduced is judged "
+                    "by their recorded SHA-256 digests alone",
+                    base_index,
+                    folder / base.get("predictions_file", ""),
+                )
+            rng = np.random.default_rng(derive_seed(seeds[0], "rerun-permutation", base_index, comparison))
+            verdict = compare(base, base_index, record, logits, stored, cfg.rerun, comparison, rng)
+        record |= verdict.to_dict()
         history.append(record)
         save_history(history_path, history)
         plot_reruns(history, folder / PLOT_FILE)
-        _log_run(mlflow, run_id, record, results, drift, folder)
+        _log_run(mlflow, run_id, record, results, folder)
         status = "FINISHED"
     finally:
         mlflow.set_terminated(run_id, status)
@@ -252,8 +309,17 @@ def _rerun(cfg, folder, storage, tracking_uri, reports_root, trials, progress, n
         regenerate(cfg, storage=storage, tracking_uri=tracking_uri, reports_root=reports_root)
     except Exception as exc:
         log.warning("study page not refreshed (%s); `pipeline report` rebuilds it", exc)
-    log.info("%s", summary_line(record, drift))
-    return RerunOutcome(record, drift, history_path, run_id)
+    log.info("%s", summary_line(record))
+    return RerunOutcome(record, verdict, history_path, run_id)
+
+
+def _freeze_reason(history, base, params, rebaseline: bool) -> str:
+    """Why this rerun freezes a new baseline ("" when it is tested against the one in force)."""
+    if base is None:
+        return "first rerun" if not history else "the history's records predate baselines"
+    if dict(base["selected_params"]) != dict(params):
+        return "the selected configuration changed"
+    return "--rebaseline" if rebaseline else ""
 
 
 def _n_trials(spec: str, name: str) -> int:
@@ -274,7 +340,7 @@ def _trial_interval(trial: optuna.trial.FrozenTrial, split: Split, confidence: f
     return None
 
 
-def _log_run(mlflow, run_id: str, record: dict[str, Any], results, drift: Drift, folder: Path) -> None:
+def _log_run(mlflow, run_id: str, record: dict[str, Any], results, folder: Path) -> None:
     low, high = record["test_error_clopper_pearson"]
     metrics = {
         key: record[key]
@@ -285,11 +351,14 @@ def _log_run(mlflow, run_id: str, record: dict[str, Any], results, drift: Drift,
         "test_error_clopper_pearson_low": low,
         "test_error_clopper_pearson_high": high,
         "selected_trial_number": record["selected_trial"],
-        "drift": float(drift.detected),
-        "drift_selection": float(drift.selection_changed),
-        "drift_interval": float(drift.outside_interval),
-        "drift_spread": float(drift.outside_spread),
+        "alpha": record["alpha"],
+        "drift": float(record["verdict"] == "drift"),
+        "selection_changed": float(record["verdict"] == "selection_changed"),
     }
+    if record["p_value"] is not None:
+        metrics["p_value"] = record["p_value"]
+    if record["reproduced"] is not None:
+        metrics["reproduced"] = float(record["reproduced"])
     if record["selected_test_error"] is not None:
         metrics["selected_test_error"] = record["selected_test_error"]
     if record["selected_test_error_clopper_pearson"] is not None:
@@ -303,11 +372,14 @@ def _log_run(mlflow, run_id: str, record: dict[str, Any], results, drift: Drift,
         "seeds": ",".join(map(str, record["seeds"])),
         "trials_target": record["trials_target"],
         "confidence": record["confidence"],
+        "alpha_spending": record["alpha_spending"],
     }
     tags = {
-        "drift": str(drift.detected).lower(),
-        "drift_reasons": "; ".join(drift.reasons) or "none",
-        "drift_compared_with": drift.compared_with or "none",
+        "verdict": record["verdict"],
+        "drift": str(record["verdict"] == "drift").lower(),
+        "verdict_reasons": "; ".join(record["reasons"]) or "none",
+        "baseline": "none" if record["baseline"] is None else str(record["baseline"]),
+        "froze_baseline": str(record["froze_baseline"]).lower(),
     }
     tracking.log(mlflow, run_id, params=params, metrics=metrics, tags=tags)
     for r in results:  # one point per seed, the seed as the step
@@ -317,9 +389,11 @@ def _log_run(mlflow, run_id: str, record: dict[str, Any], results, drift: Drift,
         files.write_json(path, record)
         mlflow.log_artifact(run_id, str(path))
     mlflow.log_artifact(run_id, str(folder / PLOT_FILE))
+    if record.get("predictions_file"):
+        mlflow.log_artifact(run_id, str(folder / record["predictions_file"]))
 
 
-def summary_line(record: Mapping[str, Any], drift: Drift) -> str:
+def summary_line(record: Mapping[str, Any]) -> str:
     """One line a cron mail or a log reader can act on."""
     low, high = record["test_error_clopper_pearson"]
     head = (
@@ -329,12 +403,25 @@ def summary_line(record: Mapping[str, Any], drift: Drift) -> str:
         f"[{record['test_error_min']:.4f}, {record['test_error_max']:.4f}], exact "
         f"{record['confidence']:.0%} [{low:.4f}, {high:.4f}]; {record['new_trials']} new trials"
     )
-    if drift.compared_with is None:
-        return f"{head}; first rerun, nothing to compare with"
-    changed = f" (changed: {'; '.join(drift.changes)})" if drift.changes else ""
-    if not drift.detected:
-        return f"{head}; no drift since {drift.compared_with}{changed}"
-    return f"{head}; DRIFT since {drift.compared_with}: {'; '.join(drift.reasons)}{changed}"
+    verdict, reasons = record["verdict"], "; ".join(record["reasons"])
+    changed = "; ".join(record["changes"])
+    if verdict == "selection_changed":
+        return (
+            f"{head}; SELECTION CHANGED: {reasons} (not drift: the next reruns are tested against "
+            f"this one); changed: {changed or 'nothing in the provenance'}"
+        )
+    if verdict == "baseline":
+        return (
+            f"{head}; baseline frozen ({record['baseline_reason']}): later reruns are tested against "
+            f"these {len(record['seeds'])} replicates at alpha = {record['alpha']:.3g}"
+        )
+    against = f"baseline #{record['baseline']}"
+    if verdict == "reproduced":
+        return f"{head}; reproduced {against}: {reasons}"
+    changed = f"; changed since it: {changed}" if changed else "; nothing changed in the provenance"
+    if verdict == "consistent":
+        return f"{head}; consistent with {against}: {reasons}{changed}"
+    return f"{head}; DRIFT from {against}: {reasons}{changed}"
 
 
 def rerun_main(
@@ -344,6 +431,7 @@ def rerun_main(
     tracking_uri: str | None = None,
     trials: int | None = None,
     reports_root: Path = Path("reports"),
+    rebaseline: bool = False,
 ) -> int:
     """``pipeline rerun``: run once, print one summary line, return an ``EXIT_*`` code.
 
@@ -354,7 +442,12 @@ def rerun_main(
     with stop_on_signals():
         try:
             outcome = run_rerun(
-                cfg, storage=storage, tracking_uri=tracking_uri, reports_root=reports_root, trials=trials
+                cfg,
+                storage=storage,
+                tracking_uri=tracking_uri,
+                reports_root=reports_root,
+                trials=trials,
+                rebaseline=rebaseline,
             )
         except RerunLocked as exc:
             with _file_log(folder / LOG_FILE):
@@ -364,7 +457,7 @@ def rerun_main(
         except RerunError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        except (ConfigError, DataError, StudyError):
+        except UsageError:  # config, data, device and study errors: the command line says which, exit 2
             raise
         except (Exception, KeyboardInterrupt) as exc:
             stop = signal_in(exc)
@@ -374,8 +467,8 @@ def rerun_main(
                 f"error: rerun of {cfg.name} failed: {exc!r}; details in {folder / LOG_FILE}", file=sys.stderr
             )
             return EXIT_FAILED
-    print(summary_line(outcome.record, outcome.drift))
-    return EXIT_DRIFT if outcome.drift.detected else EXIT_OK
+    print(summary_line(outcome.record))
+    return EXIT_DRIFT if outcome.verdict.drift else EXIT_OK
 
 
 @contextlib.contextmanager
@@ -394,7 +487,7 @@ def _file_log(path: Path) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        log.error("rerun failed: %r", exc, exc_info=not isinstance(exc, (RerunError, ConfigError)))
+        log.error("rerun failed: %r", exc, exc_info=not isinstance(exc, (RerunError, UsageError)))
         raise
     finally:
         log.setLevel(previous_level)

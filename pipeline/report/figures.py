@@ -418,31 +418,62 @@ def plot_forest(
 
 
 def plot_reruns(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """Mean test error per rerun with its exact interval and across-seed range; drift in red.
+    """Every rerun's replicate test errors beside the baseline they were tested against.
 
-    Written to a temporary file and renamed, like every other report file.
+    One column of points per record (a point per replicate, coloured by verdict; a bar at the
+    mean); each baseline's range across replicates is a band, and its mean a dashed line, over the
+    reruns tested against it, with each rerun's p-value above its column. Records from before
+    baselines are grey. Written to a temporary file and renamed, like every other report file.
     """
-    dates = [r["date"][:16].replace("T", " ") for r in history]
-    x = np.arange(len(history))
-    mean = np.array([r["test_error_mean"] for r in history])
-    low = np.array([r["test_error_clopper_pearson"][0] for r in history])
-    high = np.array([r["test_error_clopper_pearson"][1] for r in history])
-    smin = np.array([r["test_error_min"] for r in history])
-    smax = np.array([r["test_error_max"] for r in history])
-    drift = np.array([bool(r.get("drift", {}).get("detected")) for r in history])
+    colours = {
+        "baseline": "black",
+        "selection_changed": "tab:orange",
+        "reproduced": "tab:green",
+        "consistent": "tab:blue",
+        "drift": "tab:red",
+        "old rule": "0.6",
+    }
+    dates = [f"#{i} {r['date'][:16].replace('T', ' ')}" for i, r in enumerate(history)]
     fig = Figure(figsize=(max(5.5, 0.8 * len(history) + 3), 3.8))
     ax = fig.add_subplot()
-    ax.vlines(x, low, high, color="0.55", lw=1.2, label="exact interval")
-    ax.vlines(x, smin, smax, color="tab:blue", lw=5, alpha=0.45, label="range across seeds")
-    ax.plot(x[~drift], mean[~drift], "o", color="tab:blue", label="mean test error")
-    if drift.any():
-        ax.plot(x[drift], mean[drift], "o", color="tab:red", ms=9, label="drift")
-    selected = [r.get("selected_test_error") for r in history]
-    if any(v is not None for v in selected):
-        ax.plot(x, [np.nan if v is None else v for v in selected], "x", color="0.3", label="selected trial")
-    ax.set_xticks(x, dates, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("test error")
-    ax.set_title(f"{history[-1]['study']}: reruns (confidence {history[-1]['confidence']:.0%})")
+    for i, r in enumerate(history):
+        verdict = r.get("verdict", "old rule")
+        errors = np.asarray(r["test_errors"], dtype=float)
+        offsets = np.linspace(-0.18, 0.18, len(errors)) if len(errors) > 1 else np.zeros(1)
+        colour = colours.get(verdict, "0.6")
+        marker = "s" if r.get("froze_baseline") else "o"
+        ax.plot(i + offsets, errors, marker, color=colour, ms=4, alpha=0.75)
+        ax.hlines(errors.mean(), i - 0.28, i + 0.28, color=colour, lw=2)
+        if r.get("p_value") is not None:
+            ax.text(
+                i,
+                0.97,
+                f"p={r['p_value']:.2g}",
+                transform=ax.get_xaxis_transform(),  # x in data, y as a fraction of the axes
+                ha="center",
+                va="top",
+                fontsize=7,
+                color=colour,
+            )
+    for b, base in enumerate(history):
+        if not base.get("froze_baseline"):
+            continue
+        users = [i for i, r in enumerate(history) if r.get("baseline") == b]
+        right = max(users, default=b) + 0.4
+        errors = np.asarray(base["test_errors"], dtype=float)
+        ax.fill_between([b - 0.4, right], errors.min(), errors.max(), color="0.5", alpha=0.12, lw=0)
+        ax.hlines(errors.mean(), b - 0.4, right, color="0.25", lw=1, ls="--")
+    handles = [
+        Line2D([], [], marker="s" if v in ("baseline", "selection_changed") else "o", ls="", color=c, label=v)
+        for v, c in colours.items()
+        if any(r.get("verdict", "old rule") == v for r in history)
+    ]
+    handles.append(Line2D([], [], color="0.25", ls="--", label="baseline mean (band: its range)"))
+    ax.set_xticks(np.arange(len(history)), dates, rotation=30, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(history) - 0.4)
+    ax.margins(y=0.15)  # room for the p-values along the top
+    ax.set_ylabel("test error (one point per replicate)")
+    ax.set_title(f"{history[-1]['study']}: reruns against their baseline")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return save_figure(fig, path)

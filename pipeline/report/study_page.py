@@ -212,6 +212,40 @@ class StudyPage:
     provenance: tuple[tuple[str, Any], ...]
     reruns: RerunSection | None
     folder: str = FOLDER
+    stage_times: StageTimes | None = None  # None: no complete trial recorded its stage times
+
+
+# a trial's stages, in order: each trial logs time_<stage>_s (pipeline.study.trial measures them)
+STAGES = ("train", "evaluate", "bounds", "report", "tracking")
+
+
+@dataclass(frozen=True)
+class StageTimes:
+    """Where a complete trial's time goes: each stage's median over the complete trials and its
+    share of the median trial wall time (shares of medians, so they need not add up to 100 %)."""
+
+    n: int  # complete trials that recorded their stage times
+    trial_median: float  # median time_trial_s
+    rows: tuple[tuple[str, float, str], ...]  # (stage, median seconds, share of the median trial)
+
+
+def _stage_times(study: optuna.Study) -> StageTimes | None:
+    """The stage-time table from the complete trials' user attributes (``time_<stage>_s``)."""
+    timed = [
+        t.user_attrs
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if isinstance(t.user_attrs.get("time_trial_s"), (int, float))
+    ]
+    if not timed:
+        return None
+    trial_median = float(np.median([a["time_trial_s"] for a in timed]))
+    rows = []
+    for stage in STAGES:
+        median = float(np.median([a.get(f"time_{stage}_s", 0.0) for a in timed]))
+        share = f"{100 * median / trial_median:.1f} %" if trial_median > 0 else "—"
+        rows.append((f"time_{stage}_s", median, share))
+    rows.append(("time_trial_s", trial_median, "100 %"))
+    return StageTimes(len(timed), trial_median, tuple(rows))
 
 
 def _figure(fig: Plot | Path | None) -> Figure:
@@ -283,6 +317,7 @@ def _page(cfg, study, summary, frame, outputs, figures, forest, confusion, sourc
         forest=_figure(forest),
         provenance=_provenance_rows(cfg, study, outputs, sel_out, sources),
         reruns=reruns,
+        stage_times=_stage_times(study),
     )
 
 

@@ -7,6 +7,7 @@ returns the files and metrics for the trial's MLflow run to log.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,7 @@ class Replicates:
 class TrialArtifacts:
     files: tuple[Path, ...]  # files to log to the trial's MLflow run
     metrics: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of "bounds" and "report"
 
 
 @dataclass(frozen=True, eq=False)  # holds an array: compare by identity
@@ -179,12 +181,16 @@ def bounds_and_report(
     provenance: dict[str, str],
     replicates: Replicates | None = None,
     mean_history: tuple[EpochRecord, ...] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> TrialArtifacts:
     """Compute the intervals (and the ground-truth check), write the report folder atomically.
 
     With ``replicates`` (K > 1 seeds) the model, result and evaluations are replicate 0's, the
     network whose weights the trial keeps; the replicate table and strip plot show all K.
+    ``timings``: seconds of the stages before this one (``train``, ``evaluate``), for metrics.json's
+    "timings" block, which adds this call's ``bounds``; the later stages are in the MLflow run.
     """
+    started = time.perf_counter()
     confidence = cfg.bounds.confidence
     rng = np.random.default_rng([cfg.training.seed, trial_number])
     err = bounds.analyse_errors(test.errors, confidence, rng)
@@ -225,6 +231,7 @@ def bounds_and_report(
     }
     metrics["hoeffding_epsilon"] = sizes["hoeffding_epsilon"]
     title = f"{cfg.name} trial {trial_number}"
+    reporting = time.perf_counter()
     with files.atomic_dir(folder) as tmp:
         figures = {
             "curves": plot_curves(result.history, tmp / "curves.png", mean_history),
@@ -267,6 +274,10 @@ def bounds_and_report(
             "config_hash": cfg.config_hash(),
             "split_hash": split.split_hash,
             "provenance": provenance,
+            "timings": {
+                **{f"time_{stage}_s": seconds for stage, seconds in (timings or {}).items()},
+                "time_bounds_s": reporting - started,
+            },
         }
         if replicates is not None:
             low, high = replicates.mean_interval(confidence)
@@ -319,7 +330,8 @@ def bounds_and_report(
         )
         files.write_text(tmp / "report.html", page)
         names = [p.name for p in figures.values()] + ["metrics.json", "test_predictions.json", "report.html"]
-    return TrialArtifacts(tuple(folder / n for n in names), metrics)
+    seconds = {"bounds": reporting - started, "report": time.perf_counter() - reporting}
+    return TrialArtifacts(tuple(folder / n for n in names), metrics, seconds)
 
 
 def _coverage_records(truth: GroundTruth) -> list[dict[str, Any]]:

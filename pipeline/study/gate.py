@@ -2,7 +2,8 @@
 
 A study with ``[gradcheck] enabled`` runs no trial until the hand-written backward pass agrees
 with autograd and the finite differences (``pipeline.gradcheck``); ``pipeline gradcheck`` runs
-the same check on its own.
+the same check on its own. It runs on the CPU whatever ``[training] device`` says: it checks the
+hand-written backward pass in float64, which does not depend on where the trials train.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from pipeline import device as devices
 from pipeline import tracking
 from pipeline.config import StudyConfig
 from pipeline.data import load_split
@@ -57,7 +59,11 @@ def run_gradcheck(cfg: StudyConfig, *, tracking_uri: str | None = None, reports_
     run_id = mlflow.create_run(
         exp_id,
         run_name="gradcheck",
-        tags={"pipeline_role": "gradcheck", "optuna_study": cfg.name, **tracking.provenance()},
+        tags={
+            "pipeline_role": "gradcheck",
+            "optuna_study": cfg.name,
+            **tracking.provenance(devices.resolve("cpu")),
+        },
     ).info.run_id
     metrics = {"max_error64_eps1e-5": at_1e5, "max_disagreement64": result.max_disagreement64}
     for r in result.rows:

@@ -1,7 +1,8 @@
 """The study run: create or resume the Optuna study, then run its trials to the target.
 
-``run_study`` checks every output first (``storage.preflight``, the data, the search space and
-direction of a resumed study), runs the gradient-check gate, opens the study's MLflow parent run,
+``run_study`` checks every output first (``storage.preflight``, the device, the data, the search
+space and direction of a resumed study), runs the gradient-check gate (on the CPU: it is a float64
+check of the hand-written backward, not of the device), opens the study's MLflow parent run,
 hands the trials to the workers' loop (or the population driver), and writes the study page.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from pipeline import device as devices
 from pipeline import tracking
 from pipeline.config import StudyConfig
 from pipeline.data import load_split
@@ -159,7 +161,9 @@ def run_study(
     spec = storage_spec(cfg, storage)
     reports = preflight(cfg.name, spec, tracking.tracking_uri(tracking_uri), reports_root)
     tracking.check_reachable(tracking.tracking_uri(tracking_uri))  # before the Optuna storage exists
-    split = load_split(cfg.dataset)  # data errors stop the study before anything is written
+    device = devices.resolve(cfg.training.device, cfg.path)  # none such: exit 2, nothing written
+    devices.set_precision(cfg.training.precision)
+    split = load_split(cfg.dataset).to(device)  # data errors stop the study before anything is written
     study = open_study(cfg, spec, worker or 0)
     if cfg.gradcheck.enabled:
         _, table, failures, _ = run_gradcheck(cfg, tracking_uri=tracking_uri, reports_root=reports_root)
@@ -169,7 +173,7 @@ def run_study(
     reports.mkdir(parents=True, exist_ok=True)
     mlflow = tracking.client(tracking_uri)
     exp_id = tracking.experiment_id(mlflow, cfg.name, cfg.description)
-    prov = tracking.provenance()
+    prov = tracking.provenance(device)
     parent = tracking.study_run(
         mlflow,
         exp_id,

@@ -5,6 +5,13 @@ evaluates, bounds, reports and logs a trained model; ``run_trial`` is the Optuna
 joins them around ``train``. The population driver reuses ``begin_trial`` and ``finish_trial``
 around its own batched training. The test set is evaluated and logged for every trial but never
 used to choose anything.
+
+Where a trial's time goes is measured here and logged with it (``STAGES``): ``time_train_s``
+(building the models and training, the pruner's questions included), ``time_evaluate_s`` (the
+validation and test evaluations), ``time_bounds_s`` and ``time_report_s`` (``bounds_and_report``),
+``time_tracking_s`` (recording: MLflow runs, metrics, artifacts, weights, and the trial's Optuna
+user attributes) and ``time_trial_s`` (the wall time around the whole trial). The last MLflow call,
+which logs these numbers, and the run's closing are not in them.
 """
 
 from __future__ import annotations
@@ -15,8 +22,9 @@ import math
 import pickle
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +37,7 @@ from pipeline.config import ModelConfig, StudyConfig
 from pipeline.data import Split
 from pipeline.evaluate import evaluate
 from pipeline.model import build_mlp
+from pipeline.report.study_page import STAGES  # time_<stage>_s: the page reads what is logged here
 from pipeline.report.trial import Replicates, TrialArtifacts, bounds_and_report
 from pipeline.stacked import train_sets
 from pipeline.storage import StudyError
@@ -67,6 +76,18 @@ class TrialPlan:
     params: dict[str, Any]
     hyper: Hyper
     model: ModelConfig
+    started: float = field(default_factory=time.perf_counter)  # when the trial began (perf_counter)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage so far (STAGES)
+
+
+@contextlib.contextmanager
+def timed(plan: TrialPlan, stage: str):
+    """Add the wall time of the block to ``plan.timings[stage]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        plan.timings[stage] = plan.timings.get(stage, 0.0) + time.perf_counter() - start
 
 
 # the few keys beside the searched params that a comparison across trial runs needs
@@ -92,6 +113,7 @@ def dataset_input(cfg: StudyConfig, split: Split) -> tuple[str, str, str]:
 def begin_trial(trial: optuna.Trial, ctx: TrialContext) -> TrialPlan:
     """Suggest the trial's params and open its nested MLflow run with params and provenance."""
     cfg = ctx.cfg
+    started = time.perf_counter()
     params = suggest(trial, cfg)
     model_cfg, hyper = trial_setup(cfg.model, params)
     tags = {
@@ -102,6 +124,7 @@ def begin_trial(trial: optuna.Trial, ctx: TrialContext) -> TrialPlan:
         **ctx.provenance,
     }
     name = f"trial-{trial.number:04d}"
+    recording = time.perf_counter()
     run_id = tracking.trial_run(ctx.mlflow, ctx.experiment_id, ctx.parent_run_id, name, tags)
     trial.set_user_attr("mlflow_run_id", run_id)
     resolved = tracking.flatten({**cfg.to_dict(), "model": dataclasses.asdict(model_cfg)})
@@ -110,11 +133,14 @@ def begin_trial(trial: optuna.Trial, ctx: TrialContext) -> TrialPlan:
         ctx.mlflow, run_id, params={**compared, **params}, metrics={"trial_number": trial.number}
     )
     tracking.log_dataset(ctx.mlflow, run_id, *dataset_input(cfg, ctx.split))
-    return TrialPlan(run_id, params, hyper, model_cfg)
+    return TrialPlan(run_id, params, hyper, model_cfg, started, {"tracking": time.perf_counter() - recording})
 
 
 def build_models(ctx: TrialContext, plan: TrialPlan) -> list[torch.nn.Module]:
-    """The trial's MLPs, one per seed replicate; each one's initial weights depend only on its seed."""
+    """The trial's MLPs, one per seed replicate; each one's initial weights depend only on its seed.
+
+    Built on the CPU from the seeded CPU generator, then moved to the split's device: CPU and CUDA
+    runs start from the same weights."""
     return [
         build_mlp(
             ctx.split.input_dim,
@@ -122,7 +148,7 @@ def build_models(ctx: TrialContext, plan: TrialPlan) -> list[torch.nn.Module]:
             plan.model.activation,
             seed,
             dtype=DTYPES[ctx.cfg.training.dtype],
-        )
+        ).to(ctx.split.device)
         for seed in replicate_seeds(ctx.cfg.training)
     ]
 
@@ -188,13 +214,15 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float:
     plan = begin_trial(trial, ctx)
     status = "FAILED"
     try:
-        models = build_models(ctx, plan)
         buffer = tracking.MetricBuffer(ctx.mlflow, plan.run_id)
         bar = epoch_bar(ctx.cfg.training.epochs, f"trial {trial.number}", ctx.show_epochs)
         try:
-            results = train_replicates(ctx, plan, models, epoch_callback(trial, ctx, buffer, bar))
+            with timed(plan, "train"):
+                models = build_models(ctx, plan)
+                results = train_replicates(ctx, plan, models, epoch_callback(trial, ctx, buffer, bar))
         finally:
-            buffer.flush()
+            with timed(plan, "tracking"):
+                buffer.flush()
             bar.close()
         value = finish_trial(trial, ctx, plan, models, results)
         status = "FINISHED"
@@ -228,10 +256,13 @@ def finish_trial(
             _prune(trial, ctx, run_id, result, i if len(results) > 1 else None)
     if results[0].stopped_at is not None:
         _prune(trial, ctx, run_id, results[0])
-    vals = [evaluate(model, split.x_val, split.y_val, split.classes, cfg.training.loss) for model in models]
-    tests = [
-        evaluate(model, split.x_test, split.y_test, split.classes, cfg.training.loss) for model in models
-    ]
+    with timed(plan, "evaluate"):
+        vals = [
+            evaluate(model, split.x_val, split.y_val, split.classes, cfg.training.loss) for model in models
+        ]
+        tests = [
+            evaluate(model, split.x_test, split.y_test, split.classes, cfg.training.loss) for model in models
+        ]
     objectives = [v.accuracy if cfg.objective == "val_acc" else v.loss for v in vals]
     replicates, mean_history = None, None
     if len(models) > 1:
@@ -260,7 +291,9 @@ def finish_trial(
         provenance={**ctx.provenance, "run_id": run_id},
         replicates=replicates,
         mean_history=mean_history,
+        timings={stage: plan.timings[stage] for stage in ("train", "evaluate") if stage in plan.timings},
     )
+    plan.timings.update(artifacts.seconds)  # its own clocks split the call: bounds, then the report folder
     final = {
         "val_acc": val.accuracy,
         "val_loss": val.loss,
@@ -279,6 +312,7 @@ def finish_trial(
             final["train_seconds"] = math.fsum(r.seconds for r in results)
     # val_acc / val_loss are already logged per epoch (the seed mean); the last epoch's is the final one
     logged = {k: v for k, v in final.items() if k not in ("val_acc", "val_loss")}
+    recording = time.perf_counter()
     try:
         tracking.log(
             ctx.mlflow, run_id, metrics=logged, tags={"trial_state": "COMPLETE"}, step=len(result.history)
@@ -300,6 +334,8 @@ def finish_trial(
         if key.startswith("test_error_clopper_pearson"):
             trial.set_user_attr(key, value)
     trial.set_user_attr("report", str(folder / "report.html"))
+    plan.timings["tracking"] = plan.timings.get("tracking", 0.0) + time.perf_counter() - recording
+    _log_timings(trial, ctx, plan, results, step=len(result.history))
     value = math.fsum(objectives) / len(objectives)
     if not math.isfinite(value):  # never hand Optuna a non-finite value: it would record inf
         _prune(trial, ctx, run_id, dataclasses.replace(result, diverged_at=len(result.history)))
@@ -326,11 +362,37 @@ def _prune(trial, ctx: TrialContext, run_id: str, result: TrainResult, replicate
     raise optuna.TrialPruned(reason)
 
 
+def stage_times(plan: TrialPlan, results: Sequence[TrainResult]) -> dict[str, float]:
+    """``time_<stage>_s`` for every stage and ``time_trial_s``, in seconds, now that the trial is done.
+
+    A trial of ``run_trial`` has one wall clock around it. A population's trials (``begin_trial``
+    for all, one batched training, then ``finish_trial`` one by one) overlap: each one's training
+    time is its set's wall time in the batched run, and its trial time the sum of its own stages.
+    """
+    timings = {stage: plan.timings.get(stage, 0.0) for stage in STAGES}
+    if "train" in plan.timings:
+        total = time.perf_counter() - plan.started
+    else:
+        timings["train"] = max(r.seconds for r in results)
+        total = math.fsum(timings.values())
+    return {f"time_{stage}_s": seconds for stage, seconds in timings.items()} | {"time_trial_s": total}
+
+
+def _log_timings(trial, ctx: TrialContext, plan: TrialPlan, results, step: int) -> None:
+    """The stage times onto the trial's MLflow run (metrics) and its Optuna trial (user attrs, which
+    the study page reads)."""
+    times = stage_times(plan, results)
+    tracking.log(ctx.mlflow, plan.run_id, metrics=times, step=step)
+    for key, seconds in times.items():
+        trial.set_user_attr(key, seconds)
+
+
 def _log_weights(ctx: TrialContext, run_id: str, model: torch.nn.Module) -> None:
-    """The trained state dict as an artifact; load it back with ``torch.load(weights_only=True)``."""
+    """The trained state dict as an artifact, as CPU tensors whatever device trained it; load it
+    back with ``torch.load(weights_only=True)``."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
-        torch.save(model.state_dict(), path)
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
         ctx.mlflow.log_artifact(run_id, str(path))
 
 

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import stats
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline.bench.drift import format_drift, rate, simulate_reruns
 from pipeline.bench.run import BenchResult, format_table, write_reports
 from pipeline.bench.speed import EpochPermutation, SeedStyleDataset, _to_images, epoch_flops, mlp_macs
 from pipeline.model import build_mlp
@@ -94,3 +96,49 @@ def test_table_and_files(tmp_path):
     md = (tmp_path / "bench" / "bench.md").read_text()
     assert table in md and "160 GFLOP/s" in md and "- a note" in md
     assert not [p for p in (tmp_path / "bench").iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+# ----------------------------------------------------------------------------------------------
+# The drift test's simulation (pipeline.bench.drift): bookkeeping on constructed pools
+
+
+def test_simulated_reruns_count_false_alarms_and_power_on_a_constant_pool():
+    """Every replicate alike: the test never flags unshifted draws and always flags a shift of
+    +0.05 (the most extreme of 252 splits, p = 2/252 <= 0.01, but not <= 0.01/365); the old rule
+    flags a shifted mean outside the range across seeds."""
+    sim = simulate_reruns(
+        np.full(30, 60), 300, seeds=5, alpha=0.01, draws=40, rng=np.random.default_rng(0), shifts=(0.05,)
+    )
+    null, shifted = sim["rows"]
+    assert (null["shift"], shifted["shift"]) == (0.0, 0.05)
+    assert null["test"]["k"] == 0 and shifted["test"]["k"] == 40 and shifted["bonferroni"]["k"] == 0
+    assert null["old_any"]["k"] == 0 and shifted["old_range"]["k"] == 40
+    assert sim["false_alarm_within_alpha"]
+    ci = stats.binomtest(3, 40).proportion_ci(0.95, method="exact")
+    assert rate([True] * 3 + [False] * 37) == pytest.approx(
+        {"k": 3, "n": 40, "rate": 3 / 40, "low": ci.low, "high": ci.high}
+    )
+    with pytest.raises(ValueError, match="two disjoint groups of 5"):
+        simulate_reruns(np.arange(9), 300, seeds=5, alpha=0.01, draws=1, rng=np.random.default_rng(0))
+    extra = {
+        "study": "s",
+        "params": {"lr": 0.1},
+        "m": 300,
+        "pool_seeds": 30,
+        "pool_diverged": 0,
+        "pool_test_error": {"mean": 0.2, "sd": 0.0, "min": 0.2, "max": 0.2},
+        "test": "the test",
+        "pool_seconds": 1.0,
+    }
+    md = "\n".join(format_drift({**sim, **extra}))
+    assert "## Drift test: false alarms and power" in md
+    assert "| +0.00 | 0.00% [0.00%, 8.81%] |" in md and "| +0.05 | 100.00% [91.19%, 100.00%] |" in md
+
+
+def test_simulated_false_alarm_rate_holds_alpha_on_a_skewed_pool():
+    """Disjoint groups from one pool are exchangeable, so the exact test holds its level."""
+    pool = np.random.default_rng(1).gamma(2.0, 8.0, 120).round().astype(int) + 200  # skewed, with ties
+    sim = simulate_reruns(
+        pool, 2000, seeds=5, alpha=0.05, draws=1500, rng=np.random.default_rng(2), shifts=()
+    )
+    assert sim["rows"][0]["test"]["low"] <= 0.05 and sim["false_alarm_within_alpha"]
