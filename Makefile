@@ -53,7 +53,7 @@ report: $(VENV)/.installed ## rebuild STUDY's page reports/<study>/index.html fr
 
 .PHONY: rerun schedule
 # For cron/systemd: exit 0 = no drift, 3 = drift, 4 = another rerun holds the study's lock, 1/2 = failed.
-rerun: $(VENV)/.installed ## rerun STUDY: continue it, retrain the selection with fresh seeds, flag drift
+rerun: $(VENV)/.installed ## rerun STUDY: continue it, retrain the selection, test it against its baseline (drift: exit 3)
 	$(PY) -m pipeline rerun $(STUDY) $(OVERRIDES)
 
 schedule: $(VENV)/.installed ## install a crontab entry that reruns STUDY at CRON (default "0 3 * * *")
