@@ -395,7 +395,7 @@ def plot_forest(
         err = o.k / o.m
         low = t.user_attrs.get("test_error_clopper_pearson_low", math.nan)
         high = t.user_attrs.get("test_error_clopper_pearson_high", math.nan)
-        blow, bhigh = bonferroni_clopper_pearson(o.k, o.m, delta, max(summary.n_tested, 1))
+        blow, bhigh = bonferroni_clopper_pearson(o.k, o.m, delta, max(summary.test_looks, 1))
         color = "tab:red" if t.number == summary.selected else "tab:blue"
         ax.plot([blow, bhigh], [y, y], color=color, lw=1.6)  # Bonferroni: thin, with end caps
         ax.plot([blow, bhigh], [y, y], "|", color=color, ms=11, mew=1.6)
@@ -411,7 +411,8 @@ def plot_forest(
     ax.grid(axis="x", alpha=0.3)
     pct = 100 * summary.confidence
     ax.set_title(
-        f"thick: {pct:g} % Clopper–Pearson per trial; thin, capped: Bonferroni over N = {summary.n_tested}",
+        f"thick: {pct:g} % Clopper–Pearson per trial; "
+        f"thin, capped: Bonferroni over N = {summary.test_looks} test-set looks",
         fontsize=9,
     )
     return save_figure(fig, path)

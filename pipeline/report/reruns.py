@@ -64,6 +64,16 @@ def save_history(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
     files.write_json(path, {"version": HISTORY_VERSION, "reruns": list(records)})
 
 
+def rerun_looks(reports_dir: Path) -> int:
+    """Networks the reruns of a study retrained and evaluated on its test set: one per replicate
+    of every record (the ledger's rerun share; an unreadable history counts none)."""
+    try:
+        history = load_history(reports_dir / HISTORY_FILE)
+    except RerunError:
+        return 0
+    return sum(len(r.get("test_errors") or r.get("seeds") or ()) for r in history)
+
+
 def current_baseline(history: Sequence[Mapping[str, Any]]) -> int | None:
     """Index of the record holding the baseline in force (the latest that froze one), or None."""
     return next((i for i in range(len(history) - 1, -1, -1) if history[i].get("froze_baseline")), None)

@@ -34,7 +34,7 @@ from pipeline.config import StudyConfig
 from pipeline.evaluate import Evaluation, summarize
 from pipeline.report.figures import Plot, optuna_figures, plot_confusion, plot_forest
 from pipeline.report.html import Figure, classification_rows, figure, number, render
-from pipeline.report.reruns import RerunSection, rerun_section
+from pipeline.report.reruns import RerunSection, rerun_looks, rerun_section
 from pipeline.report.study_summary import (
     StudySummary,
     TrialOutputs,
@@ -84,7 +84,7 @@ def write_study_page(
         found = load_outputs(t, page_dir, classes, mlflow)
         if found is not None:
             outputs[t.number] = found
-    summary = summarize_study(study, cfg, outputs)
+    summary = summarize_study(study, cfg, outputs, rerun_looks(page_dir))
     frame = trials_frame(study, cfg, page_dir, run_reasons(study, mlflow))
     with files.atomic_dir(page_dir / FOLDER) as tmp:
         frame.to_csv(tmp / "trials.csv", index=False)
@@ -389,8 +389,8 @@ def _tested(summary: StudySummary, sel, sel_out, outputs, confusion) -> Tested |
     low, high = stats.binomtest(sel_out.k, m).proportion_ci(conf, method="exact")
     simultaneous = ()
     union = math.nan
-    if summary.n_tested:
-        n = summary.n_tested
+    if summary.test_looks:
+        n = summary.test_looks
         hoeff = bounds.hoeffding_epsilon(m, delta)
         union = summary.metrics["union_hoeffding_epsilon"]
         blow = summary.metrics["selected_test_error_bonferroni_low"]

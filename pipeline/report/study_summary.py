@@ -202,7 +202,7 @@ class StudySummary:
     objective: str
     confidence: float
     counts: dict[str, int]
-    n_tested: int  # N: trials whose test error was computed (the union bound runs over them)
+    n_tested: int  # trials whose test error was computed
     m: int | None  # test-set size
     selected: int | None
     runner_up: int | None
@@ -213,6 +213,8 @@ class StudySummary:
     tied: tuple[TiedRow, ...] | None = None  # every other complete trial with ≥ 2 seeds; None: K < 2
     left_out: tuple[int, ...] = ()  # complete trials with one seed, which no test can tie or separate
     seed_comparison: SeedComparison | None = None  # against the runner-up, paired by seed
+    test_looks: int = 0  # the ledger: networks evaluated on this test set (trials' replicates, reruns)
+    rerun_looks: int = 0  # of which the reruns' retrains
 
     def to_dict(self) -> dict[str, Any]:
         nested = ("comparison", "tied", "seed_comparison")
@@ -234,7 +236,23 @@ class StudySummary:
         return data
 
 
-def summarize_study(study: optuna.Study, cfg: StudyConfig, outputs: dict[int, TrialOutputs]) -> StudySummary:
+def test_set_looks(trials) -> int:
+    """Networks the trials evaluated on the test set: one per seed replicate of every trial that
+    reached the test stage (a trial from before replicates counts one)."""
+    looks = 0
+    for t in trials:
+        if "test_error" in t.user_attrs:
+            k = t.user_attrs.get("replicates", 1)
+            looks += k if isinstance(k, int) and k >= 1 else 1
+    return looks
+
+
+def summarize_study(
+    study: optuna.Study, cfg: StudyConfig, outputs: dict[int, TrialOutputs], rerun_looks: int = 0
+) -> StudySummary:
+    """The study's numbers; ``rerun_looks``: networks the reruns retrained and tested on the same
+    test set (the ledger: ``test_looks`` counts every network that saw it, and the simultaneous
+    bounds run over that many)."""
     confidence = cfg.bounds.confidence
     delta = 1 - confidence
     trials = study.get_trials(deepcopy=False)
@@ -248,17 +266,19 @@ def summarize_study(study: optuna.Study, cfg: StudyConfig, outputs: dict[int, Tr
     }
     ranked = ranked_trials(study)
     n_tested = sum("test_error" in t.user_attrs for t in trials)
+    test_looks = test_set_looks(trials) + rerun_looks
     notes: list[str] = []
     metrics: dict[str, float] = {}
     selected = ranked[0] if ranked else None
     runner = ranked[1] if len(ranked) > 1 else None
     sel_out = outputs.get(selected.number) if selected else None
     m = sel_out.m if sel_out else next((o.m for o in outputs.values()), None)
-    if selected is not None and sel_out is not None and n_tested:
-        low, high = bonferroni_clopper_pearson(sel_out.k, sel_out.m, delta, n_tested)
+    metrics["test_looks"] = test_looks
+    if selected is not None and sel_out is not None and test_looks:
+        low, high = bonferroni_clopper_pearson(sel_out.k, sel_out.m, delta, test_looks)
         metrics["selected_test_error_bonferroni_low"] = low
         metrics["selected_test_error_bonferroni_high"] = high
-        metrics["union_hoeffding_epsilon"] = union_hoeffding_epsilon(sel_out.m, delta, n_tested)
+        metrics["union_hoeffding_epsilon"] = union_hoeffding_epsilon(sel_out.m, delta, test_looks)
         metrics["selected_val_test_gap"] = sel_out.metrics["test_error"] - (1 - sel_out.metrics["val_acc"])
     elif selected is not None:
         notes.append(f"trial {selected.number}'s metrics.json was found neither in its folder nor in MLflow")
@@ -304,6 +324,8 @@ def summarize_study(study: optuna.Study, cfg: StudyConfig, outputs: dict[int, Tr
         tied,
         left_out,
         seed_cmp,
+        test_looks,
+        rerun_looks,
     )
 
 
