@@ -199,7 +199,7 @@ class PrunerConfig:
 @dataclass(frozen=True)
 class BoundsConfig:
     confidence: float = 0.9  # confidence level of every interval on the test error
-    fresh_sets: int = 10_000  # gmm only: at most this many simulated test sets (a check of the exact coverage)
+    fresh_sets: int = 10_000  # gmm only: at most this many simulated test sets (checks the exact coverage)
 
 
 @dataclass(frozen=True)
