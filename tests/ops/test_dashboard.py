@@ -6,7 +6,6 @@ dashboard's HTTP API from a real optuna-dashboard process on 127.0.0.1.
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 
 from pipeline.storage import open_storage
 from tests.conftest import tiny_study
-from tests.test_mlflow_server import _free_port, _get
+from tests.test_mlflow_server import _free_port, _get, stop_group
 
 pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is installed by the dev extra")
 STARTUP_TIMEOUT = 120
@@ -76,12 +75,5 @@ def test_the_dashboard_serves_the_studys_trials(workspace, monkeypatch):
         values = sorted(t["values"][0] for t in detail["trials"] if t.get("values"))
         assert values == pytest.approx(sorted(t.value for t in study.trials))
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
+        stop_group(proc)
         log.close()
