@@ -275,10 +275,10 @@ class _Group:
         self.optimizer = StackedSGD(self.stack.parameters, [hypers[i] for i in members])
         # train()'s batch order for each member's seed: one stream when the members share a seed
         # (a population's trials), one per member otherwise (a trial's replicates)
-        own = {seeds[i] for i in members}
-        self.generators = [torch.Generator().manual_seed(batch_order_seed(s)) for s in sorted(own)]
-        if len(own) > 1:
-            self.generators = [torch.Generator().manual_seed(batch_order_seed(seeds[i])) for i in members]
+        streams = [seeds[i] for i in members]
+        if len(set(streams)) == 1:
+            streams = streams[:1]
+        self.generators = [torch.Generator().manual_seed(batch_order_seed(s)) for s in streams]
 
     def orders(self, n: int, shuffle: bool, device: torch.device) -> torch.Tensor | None:
         """This epoch's permutation: [n] shared, [K, n] one per member, or None (no shuffling);

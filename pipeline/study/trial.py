@@ -307,9 +307,8 @@ def finish_trial(
     if replicates is not None:  # the configuration's numbers: means over the seeds
         final |= replicates.metrics(cfg.bounds.confidence)
         final["best_val_acc"] = max(r.val_acc for r in mean_history)
-        final["train_seconds"] = max(r.seconds for r in results)  # lockstep: the set's wall time
-        if cfg.training.backward != "autograd":  # one after another
-            final["train_seconds"] = math.fsum(r.seconds for r in results)
+        sequential = cfg.training.backward != "autograd"  # one after another, else lockstep (one wall time)
+        final["train_seconds"] = (math.fsum if sequential else max)(r.seconds for r in results)
     # val_acc / val_loss are already logged per epoch (the seed mean); the last epoch's is the final one
     logged = {k: v for k, v in final.items() if k not in ("val_acc", "val_loss")}
     recording = time.perf_counter()
