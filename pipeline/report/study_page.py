@@ -16,6 +16,7 @@ The page carries no wall-clock time, so regenerating it from the same storage gi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -75,8 +76,9 @@ def write_study_page(
     page_dir: Path,
     sources: PageSources,
     mlflow=None,
-) -> tuple[Path, StudySummary]:
-    """Write ``page_dir/index.html`` and ``page_dir/study/`` (figures, trials.csv, summary)."""
+) -> tuple[Path, StudySummary, str]:
+    """Write ``page_dir/index.html`` and ``page_dir/study/`` (figures, trials.csv, summary); also
+    return the page's text for the copy in MLflow (``log_to_parent``)."""
     ranked = ranked_trials(study)
     classes = tuple(cfg.classes)
     outputs = {}
@@ -101,8 +103,10 @@ def write_study_page(
         reruns = rerun_section(page_dir)
         content = _page(cfg, study, summary, frame, outputs, figures, forest, confusion, sources, reruns)
         text = render("study.html.j2", page=content)
+        # in MLflow's artifact viewer a trial's report is not beside the page but in the trial's run
+        copy = render("study.html.j2", page=dataclasses.replace(content, in_mlflow=True))
     page = files.write_text(page_dir / PAGE, text)
-    return page, summary
+    return page, summary, copy
 
 
 def _evaluation(outputs: TrialOutputs) -> Evaluation:
@@ -132,6 +136,7 @@ class TrialsTable:
 
     header: tuple[str, ...]  # every column but the last, the report link
     rows: tuple[tuple[tuple[str, ...], str], ...]  # (cells, report link or "")
+    run_ids: tuple[str, ...] = ()  # each row's MLflow run id ("" when it has none), for the copy in MLflow
 
 
 @dataclass(frozen=True)
@@ -213,6 +218,7 @@ class StudyPage:
     reruns: RerunSection | None
     folder: str = FOLDER
     stage_times: StageTimes | None = None  # None: no complete trial recorded its stage times
+    in_mlflow: bool = False  # the copy logged to the parent run: trials named by run id, not linked
 
 
 # a trial's stages, in order: each trial logs time_<stage>_s (pipeline.study.trial measures them)
@@ -258,7 +264,7 @@ def _to_html_text(text: str) -> str:
     return text.replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n").strip()
 
 
-def _trials_table(frame: pd.DataFrame) -> TrialsTable:
+def _trials_table(frame: pd.DataFrame, run_ids: dict[int, str]) -> TrialsTable:
     shown = {col: [_to_html_text(number(v)) for v in frame[col]] for col in frame.columns if col != "report"}
     low, high = frame["test_error_clopper_pearson_low"], frame["test_error_clopper_pearson_high"]
     shown["test_error_clopper_pearson_low"] = [
@@ -271,6 +277,7 @@ def _trials_table(frame: pd.DataFrame) -> TrialsTable:
     return TrialsTable(
         header=tuple(names.get(col, col).strip() for col in shown),
         rows=tuple((cells, link or "") for cells, link in rows),
+        run_ids=tuple(run_ids.get(int(n), "") for n in frame["number"]),
     )
 
 
@@ -312,7 +319,9 @@ def _page(cfg, study, summary, frame, outputs, figures, forest, confusion, sourc
         resolvable_errors=round(resolvable * cmp.m)
         if cmp is not None and math.isfinite(resolvable)
         else None,
-        trials=_trials_table(frame),
+        trials=_trials_table(
+            frame, {t.number: t.user_attrs.get("mlflow_run_id", "") for t in study.get_trials(deepcopy=False)}
+        ),
         figures={name: _figure(figures.get(name)) for name in ("history", "importances", "slice", "contour")},
         forest=_figure(forest),
         provenance=_provenance_rows(cfg, study, outputs, sel_out, sources),
@@ -486,9 +495,10 @@ def find_study_run(mlflow, name: str) -> tuple[str | None, str | None]:
     return exp.experiment_id, (runs[0].info.run_id if runs else None)
 
 
-def log_to_parent(mlflow, parent_run_id: str, page: Path, summary: StudySummary) -> None:
-    """The page, its folder and the study-level numbers onto the study's parent run."""
-    mlflow.log_artifact(parent_run_id, str(page))
+def log_to_parent(mlflow, parent_run_id: str, page: Path, summary: StudySummary, copy: str) -> None:
+    """The page's MLflow copy (``copy``, as index.html), its folder and the study-level numbers onto
+    the study's parent run."""
+    mlflow.log_text(parent_run_id, copy, page.name)
     mlflow.log_artifacts(parent_run_id, str(page.parent / FOLDER), FOLDER)
     metrics = {k: v for k, v in summary.metrics.items() if math.isfinite(v)}
     tracking.log(mlflow, parent_run_id, metrics=metrics)
@@ -520,9 +530,9 @@ def regenerate(
         mlflow = tracking.client(uri)
     exp_id, parent = find_study_run(mlflow, cfg.name) if mlflow is not None else (None, None)
     sources = PageSources(redact(spec), redact(uri), parent, exp_id)
-    page, summary = write_study_page(cfg, study, reports_root / cfg.name, sources, mlflow)
+    page, summary, copy = write_study_page(cfg, study, reports_root / cfg.name, sources, mlflow)
     if mlflow is not None and parent is not None:
-        log_to_parent(mlflow, parent, page, summary)
+        log_to_parent(mlflow, parent, page, summary, copy)
     else:
         warnings.warn(
             f"study {cfg.name!r} has no parent run in MLflow at {redact(uri)}: the page was written "
@@ -540,8 +550,8 @@ def write_after_study(
     try:
         exp_id = mlflow.get_run(parent_run_id).info.experiment_id
         sources = PageSources(redact(spec), redact(mlflow.tracking_uri), parent_run_id, exp_id)
-        page, summary = write_study_page(cfg, study, page_dir, sources, mlflow)
-        log_to_parent(mlflow, parent_run_id, page, summary)
+        page, summary, copy = write_study_page(cfg, study, page_dir, sources, mlflow)
+        log_to_parent(mlflow, parent_run_id, page, summary, copy)
         return page
     except Exception as exc:  # the trials are safely stored; `pipeline report` can retry the page
         stop = signal_in(exc)

@@ -9,7 +9,9 @@ store (the parent run's artifacts and metrics).
 import html
 import json
 import math
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -270,6 +272,27 @@ def test_one_seed_per_trial_gives_no_tied_set_and_the_page_says_why(study_run):
 
 
 @pytest.mark.slow  # shares the module's small study run
+def test_the_page_in_the_parent_run_names_each_trials_run_instead_of_dead_links(study_run, tmp_path):
+    """In MLflow's artifact viewer a trial's report sits in the trial's own run, not beside the page."""
+    client = MlflowClient(study_run["ws"]["tracking_uri"])
+    exp = client.get_experiment_by_name("tiny")
+    (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.pipeline_role = 'study'")
+    copy = Path(client.download_artifacts(parent.info.run_id, "index.html", str(tmp_path)))
+    text = copy.read_text()
+    assert "trial-0002/report.html" not in text and 'href="trial-' not in text  # nothing that 404s there
+    on_disk = (study_run["ws"]["reports_root"] / "tiny" / "index.html").read_text()
+    assert 'href="trial-0002/report.html"' in on_disk  # the page on disk keeps its links
+    named = re.findall(r'<code class="run">([0-9a-f]*)</code>', text)
+    trials = {t.number: t.user_attrs.get("mlflow_run_id", "") for t in study_run["study"].get_trials()}
+    assert named == [trials[n] for n in sorted(trials)]  # one per row, in the table's (number) order
+    for run_id in filter(None, named):
+        run = client.get_run(run_id)
+        assert run.info.experiment_id == exp.experiment_id
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id  # nested under this run
+        if run.data.tags.get("trial_state") == "COMPLETE":
+            assert "report.html" in {a.path for a in client.list_artifacts(run_id)}
+
+
 def test_parent_run_holds_the_page_figures_and_study_metrics(study_run):
     client = MlflowClient(study_run["ws"]["tracking_uri"])
     exp = client.get_experiment_by_name("tiny")
@@ -365,7 +388,7 @@ def test_page_explains_what_it_cannot_show(tmp_path):
         create_trial(state=TrialState.FAIL, params={"lr": 0.1, "momentum": 0.0}, distributions=dists)
     )
     sources = sr.PageSources("memory", "none", None, None)
-    page, summary = sr.write_study_page(cfg, study, tmp_path / "reports" / "tiny", sources)
+    page, summary, _ = sr.write_study_page(cfg, study, tmp_path / "reports" / "tiny", sources)
     text = page.read_text()
     assert summary.selected == 0 and summary.runner_up is None
     assert "Fewer than two complete trials" in text

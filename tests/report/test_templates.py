@@ -90,7 +90,7 @@ def _study(study_name: str) -> optuna.Study:
 def _study_page(tmp_path: Path, study: optuna.Study | None = None) -> str:
     cfg = dataclasses.replace(tiny_study(), name=f"tiny{MARKUP}")
     sources = PageSources(f"storage/{MARKUP}.journal", "sqlite:///mlflow.db", None, None)
-    page, _ = write_study_page(cfg, study or _study(cfg.name), tmp_path / "reports" / "tiny", sources)
+    page, _, _ = write_study_page(cfg, study or _study(cfg.name), tmp_path / "reports" / "tiny", sources)
     return page.read_text(encoding="utf-8")
 
 

@@ -253,7 +253,7 @@ def test_one_seed_trials_are_left_out_and_unequal_seeds_are_not_paired(seeded):
 
 def _page(tmp_path, study, cfg):
     sources = sr.PageSources("memory", "none", None, None)
-    page, summary = sr.write_study_page(cfg, study, tmp_path / "reports" / "tiny", sources)
+    page, summary, _ = sr.write_study_page(cfg, study, tmp_path / "reports" / "tiny", sources)
     return page.read_bytes(), summary
 
 
