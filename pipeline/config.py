@@ -273,6 +273,11 @@ class StudyConfig:
             signature["seeds"] = self.training.seeds
         return json.dumps(signature, sort_keys=True)
 
+    def budget_signature(self) -> str:
+        """Canonical JSON of a trial's budget (epochs, training seeds): a resumed study must match it,
+        or trials trained for 10 epochs would be ranked against trials trained for 3."""
+        return json.dumps({"epochs": self.training.epochs, "seeds": self.training.seeds}, sort_keys=True)
+
     def with_overrides(self, **changes: Any) -> StudyConfig:
         """A copy with command-line overrides (``trials``, ``epochs``, ``name``) applied."""
         cfg = self

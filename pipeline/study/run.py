@@ -120,6 +120,7 @@ def open_study(cfg: StudyConfig, spec: str, worker: int = 0) -> optuna.Study:
                 pruner=pruner,
             )
             study.set_user_attr("search_space", cfg.search_space_signature())
+            study.set_user_attr("budget", cfg.budget_signature())
         except optuna.exceptions.DuplicatedStudyError:  # another worker won the race
             study = optuna.load_study(study_name=cfg.name, storage=storage, sampler=sampler, pruner=pruner)
     else:
@@ -136,6 +137,16 @@ def open_study(cfg: StudyConfig, spec: str, worker: int = 0) -> optuna.Study:
             f"{cfg.path}: the search space or objective of study {cfg.name!r} changed since it was "
             f"created in {redact(spec)}.\n  stored:  {stored}\n  now:     "
             f"{cfg.search_space_signature()}\nRun it under a new name (--name) or delete the storage."
+        )
+    budget = study.user_attrs.get("budget")
+    if budget is None:  # a study created before budgets were recorded: its budget is this one from now on
+        study.set_user_attr("budget", cfg.budget_signature())
+    elif budget != cfg.budget_signature():
+        raise StudyError(
+            f"{cfg.path}: study {cfg.name!r} in {redact(spec)} was created with another training budget "
+            f"(training.epochs, training.seeds, or --epochs); its trials could not be ranked together.\n"
+            f"  stored:  {budget}\n  now:     {cfg.budget_signature()}\n"
+            f"Resume with the stored budget, or run it under a new name (--name)."
         )
     return study
 

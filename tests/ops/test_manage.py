@@ -65,3 +65,22 @@ def test_studies_lists_and_delete_asks_then_removes_everything(project, capsys, 
     assert cli.main(["study", "tiny.toml", *project["args"], "--trials", "1"]) == 0  # a fresh start
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert len([r for r in runs if r.data.tags["pipeline_role"] == "trial"]) == 1
+
+
+@pytest.mark.parametrize("change", [["--epochs", "2"], ["--trials", "5", "--epochs", "7"]])
+def test_resuming_with_another_epoch_budget_is_refused_with_both_budgets_shown(project, capsys, change):
+    capsys.readouterr()
+    study = optuna.load_study(study_name="tiny", storage=open_storage(project["storage"]))
+    before = [(t.number, t.state) for t in study.trials]
+    stored_epochs = load_study("tiny.toml").training.epochs
+    assert cli.main(["study", "tiny.toml", *change, *project["args"]]) == 2
+    err = capsys.readouterr().err
+    asked = change[change.index("--epochs") + 1]
+    assert "another training budget" in err
+    assert f'stored:  {{"epochs": {stored_epochs}, "seeds": 1}}' in err
+    assert f'now:     {{"epochs": {asked}, "seeds": 1}}' in err
+    study = optuna.load_study(study_name="tiny", storage=open_storage(project["storage"]))
+    assert [(t.number, t.state) for t in study.trials] == before  # nothing was run or queued
+    # the stored budget still resumes: the same epochs, more trials
+    assert cli.main(["study", "tiny.toml", "--trials", "4", *project["args"]]) == 0
+    assert len(optuna.load_study(study_name="tiny", storage=open_storage(project["storage"])).trials) == 4

@@ -45,7 +45,8 @@ from tests.study.test_workers import (
 )
 
 pytestmark = pytest.mark.reliability
-LONG = "5000"  # epochs for a trial that is killed long before it could finish
+LONG = 2000  # epochs: a few seconds a trial, so a worker can be caught mid-trial and killed
+# (the study's budget is part of its signature: every run of one study must train the same epochs)
 
 
 @pytest.fixture
@@ -73,12 +74,12 @@ def _use_storage(env, monkeypatch, spec: str) -> None:
 def _kill_9_mid_trial_then_heal(tmp_path, env) -> None:
     spec, uri = env["OPTUNA_STORAGE"], env["MLFLOW_TRACKING_URI"]
     storage = open_storage(spec)
-    write_study(tmp_path, trials=2, dataset=dict(FASHION))
-    run_study(fast_study(trials=1), progress=False)  # one trial completed before the crash
+    write_study(tmp_path, trials=2, dataset=dict(FASHION), training__epochs=LONG)
+    run_study(fast_study(trials=1, training__epochs=LONG), progress=False)  # one trial completed before the crash
     done = load(spec, storage=storage).trials[0]
     assert done.state == TrialState.COMPLETE
 
-    proc = start_worker(tmp_path, env, "--epochs", LONG, "--index", "1", log="killed.log")
+    proc = start_worker(tmp_path, env, "--index", "1", log="killed.log")
     wait_for("a trial mid-way", mid_trial(spec, storage), [(proc, tmp_path / "killed.log")])
     proc.kill()
     proc.wait(timeout=30)
@@ -89,7 +90,7 @@ def _kill_9_mid_trial_then_heal(tmp_path, env) -> None:
     runs, _, _ = trial_runs(uri)
     assert {r.data.tags["optuna_trial"]: r.info.status for r in runs}["1"] == "RUNNING"
 
-    outcome = run_study(fast_study(trials=2), progress=False)  # another worker, or a rerun
+    outcome = run_study(fast_study(trials=2, training__epochs=LONG), progress=False)  # another worker
     assert (outcome.n_complete + outcome.n_pruned, outcome.n_failed) == (2, 1)
     trials = load(spec, storage=storage).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
@@ -133,8 +134,8 @@ def test_signal_fails_the_trial_closes_its_run_and_a_rerun_resumes(
 ):
     spec, uri = env["OPTUNA_STORAGE"], env["MLFLOW_TRACKING_URI"]
     storage = open_storage(spec)
-    write_study(tmp_path, trials=1, dataset=dict(FASHION))
-    proc = start_worker(tmp_path, env, "--epochs", LONG, "--index", "1", log="worker.log", sigint=inherited)
+    write_study(tmp_path, trials=1, dataset=dict(FASHION), training__epochs=LONG)
+    proc = start_worker(tmp_path, env, "--index", "1", log="worker.log", sigint=inherited)
     wait_for("a trial mid-way", mid_trial(spec, storage), [(proc, tmp_path / "worker.log")])
     proc.send_signal(signum)
     assert proc.wait(timeout=60) == code
@@ -151,7 +152,7 @@ def test_signal_fails_the_trial_closes_its_run_and_a_rerun_resumes(
     assert [r.info.status for r in runs] == ["FAILED"]  # closed by the worker itself
     assert parents[0].info.status == "FAILED"
 
-    outcome = run_study(fast_study(trials=1), progress=False)
+    outcome = run_study(fast_study(trials=1, training__epochs=LONG), progress=False)
     assert (outcome.n_complete, outcome.n_failed) == (1, 1)
     resumed = load(spec, storage=storage).trials[1]
     assert resumed.state == TrialState.COMPLETE and resumed.params == stopped.params
