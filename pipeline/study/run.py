@@ -136,7 +136,8 @@ def open_study(cfg: StudyConfig, spec: str, worker: int = 0) -> optuna.Study:
         raise StudyError(
             f"{cfg.path}: the search space or objective of study {cfg.name!r} changed since it was "
             f"created in {redact(spec)}.\n  stored:  {stored}\n  now:     "
-            f"{cfg.search_space_signature()}\nRun it under a new name (--name) or delete the storage."
+            f"{cfg.search_space_signature()}\nRun it under a new name (--name), or remove the old study with "
+            f"`pipeline delete {cfg.path} --yes`."
         )
     budget = study.user_attrs.get("budget")
     if budget is None:  # a study created before budgets were recorded: its budget is this one from now on
