@@ -132,7 +132,13 @@ def test_the_ui_server_shows_the_study_as_optuna_stored_it(server):
     listed = json.loads(_get(f"{server['url']}/api/2.0/mlflow/artifacts/list?run_id={parent.info.run_id}"))
     assert {"index.html", "study"} <= {f["path"] for f in listed["files"]}
     page = _get(f"{server['url']}/get-artifact?path=index.html&run_uuid={parent.info.run_id}")
-    assert page == (server["reports_root"] / "tiny" / "index.html").read_bytes()
+    local = (server["reports_root"] / "tiny" / "index.html").read_text()
+    assert 'href="trial-0000/report.html"' in local  # the local page links each trial's folder ...
+    served = page.decode()  # ... the parent run's copy names each trial's run instead: no dead links
+    assert "trial-0000/report.html" not in served and "MLflow run" in served
+    for run in by_number.values():
+        assert f'<code class="run">{run.info.run_id}</code>' in served
+    assert served.count("<tr>") == local.count("<tr>")  # the same tables, row for row
     trial0 = by_number[0].info.run_id
     metrics = json.loads(_get(f"{server['url']}/get-artifact?path=metrics.json&run_uuid={trial0}"))
     assert metrics["test_error"] == pytest.approx(study.trials[0].user_attrs["test_error"])
