@@ -23,9 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.datasets import CIFAR10, FashionMNIST
-from torchvision.datasets import utils as tv_utils
-from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from pipeline.config import CLASSES, DEFAULT_CLASSES, DatasetConfig
 from pipeline.errors import UsageError
@@ -38,11 +35,20 @@ FASHION_FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-# CIFAR-10 (filename, md5) lists, straight from torchvision; tests point these at their own files.
-CIFAR_TRAIN_FILES = [(name, md5) for name, md5 in CIFAR10.train_list]
-CIFAR_TEST_FILES = [(name, md5) for name, md5 in CIFAR10.test_list]
-CIFAR_META_FILE = (CIFAR10.meta["filename"], CIFAR10.meta["md5"])
-CIFAR_ARCHIVE_MD5 = CIFAR10.tgz_md5
+# CIFAR-10's folder and (filename, md5) lists as torchvision's CIFAR10 has them (tests/test_data.py
+# checks they agree), written out so that reading data never imports torchvision: it brings in
+# torch._dynamo and sympy, about 160 MB resident. Tests point the lists at their own files.
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_TRAIN_FILES = [
+    ("data_batch_1", "c99cafc152244af753f735de768cd75f"),
+    ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
+    ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
+    ("data_batch_4", "634d18415352ddfa80567beed471001a"),
+    ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb"),
+]
+CIFAR_TEST_FILES = [("test_batch", "40351d587109b95175f43aff81a1287e")]
+CIFAR_META_FILE = ("batches.meta", "5ff9c542aee3614f3951f8cda6e48888")
+CIFAR_ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
 # Class pair used when a DatasetConfig was built in code without classes (parsing fills them in).
 
 # The gmm ground truth: per class, three isotropic Gaussians with equal weight, laid out on two
@@ -208,9 +214,12 @@ _CIFAR_MISSING = (
 
 def _cifar_folder(root: Path, download: bool) -> Path:
     """``<root>/cifar-10-batches-py``, extracted from the archive (downloaded if allowed) when missing."""
-    folder = root / CIFAR10.base_folder
+    folder = root / CIFAR_FOLDER
     if folder.is_dir():
         return folder
+    from torchvision.datasets import CIFAR10  # lazy: start-up and memory; only the archive needs it
+    from torchvision.datasets import utils as tv_utils  # lazy: as above
+
     archive = root / CIFAR10.filename
     if not archive.is_file():
         if not download:
@@ -224,9 +233,9 @@ def _cifar_folder(root: Path, download: bool) -> Path:
     with tempfile.TemporaryDirectory(dir=root, prefix=".cifar-extract-") as tmp:
         with tarfile.open(archive, "r:gz") as tar:
             tar.extractall(tmp, filter="data")
-        if not (Path(tmp) / CIFAR10.base_folder).is_dir():
-            raise DataError(f"{archive}: has no {CIFAR10.base_folder}/ folder; is it the python version?")
-        os.replace(Path(tmp) / CIFAR10.base_folder, folder)  # all or nothing: no half-extracted folder
+        if not (Path(tmp) / CIFAR_FOLDER).is_dir():
+            raise DataError(f"{archive}: has no {CIFAR_FOLDER}/ folder; is it the python version?")
+        os.replace(Path(tmp) / CIFAR_FOLDER, folder)  # all or nothing: no half-extracted folder
     return folder
 
 
@@ -289,6 +298,8 @@ def _fashion_raw(root: Path, download: bool) -> Path:
             "copy; run `apt-get install dataset-fashion-mnist` or set download = true"
         )
     if missing:
+        from torchvision.datasets import FashionMNIST  # lazy: start-up and memory; only a download needs it
+
         try:
             FashionMNIST(str(root), train=True, download=True)
         except (OSError, RuntimeError) as exc:
@@ -313,22 +324,28 @@ def _gunzip(src: Path, dest: Path) -> None:
 
 
 def _read_idx(path: Path, images: bool) -> torch.Tensor:
-    """One idx file (uint8 images [N, 28, 28] or labels), header and length checked first."""
-    magic, ndim = (2051, 3) if images else (2049, 1)
+    """One idx file (uint8 images [N, 28, 28] or int64 labels [N]), header and length checked first.
+
+    The values torchvision's ``read_image_file`` / ``read_label_file`` give (tests/test_data.py
+    compares them), read straight into one array: no copy of the file, no torchvision import.
+    """
+    magic, ndim = (2051, 3) if images else (2049, 1)  # 0x08: unsigned bytes, then the dimension count
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
             head = f.read(4 * (ndim + 1))
+            found = struct.unpack(f">{ndim + 1}I", head) if len(head) == 4 * (ndim + 1) else (None,)
+            expected = 4 * (ndim + 1) + int(np.prod(found[1:], dtype=np.int64)) if found[0] == magic else -1
+            if size != expected:
+                raise DataError(
+                    f"{path}: truncated or not an idx file (magic {magic}, {size} bytes); delete it "
+                    f"and rerun (it is restored from {DEBIAN_FASHION_DIR} or downloaded)"
+                )
+            values = np.fromfile(f, dtype=np.uint8, count=expected - len(head)).reshape(found[1:])
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc})") from exc
-    found = struct.unpack(f">{ndim + 1}I", head) if len(head) == 4 * (ndim + 1) else (None,)
-    expected = 4 * (ndim + 1) + int(np.prod(found[1:], dtype=np.int64)) if found[0] == magic else -1
-    if size != expected:
-        raise DataError(
-            f"{path}: truncated or not an idx file (magic {magic}, {size} bytes); delete it "
-            f"and rerun (it is restored from {DEBIAN_FASHION_DIR} or downloaded)"
-        )
-    return read_image_file(str(path)) if images else read_label_file(str(path))
+    tensor = torch.from_numpy(values)
+    return tensor if images else tensor.long()
 
 
 def _read_fashion(raw: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,8 @@ import hashlib
 import pickle
 import socket
 import struct
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from urllib.error import URLError
@@ -22,6 +24,7 @@ from scipy.stats import multivariate_normal
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, FashionMNIST
 from torchvision.datasets import utils as tv_utils
+from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from pipeline import data
 from pipeline.config import CIFAR10_CLASSES, FASHION_CLASSES, DatasetConfig
@@ -360,8 +363,42 @@ def test_cifar_archive_is_checked_and_extracted(root, tmp_path, monkeypatch):
     assert sorted(p.name for p in fresh.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
 
 
+def test_cifar_constants_are_torchvisions():
+    """The folder and MD5 lists written out in pipeline.data are torchvision's CIFAR10 ones."""
+    assert CIFAR10.base_folder == data.CIFAR_FOLDER
+    assert [tuple(f) for f in CIFAR10.train_list] == data.CIFAR_TRAIN_FILES
+    assert [tuple(f) for f in CIFAR10.test_list] == data.CIFAR_TEST_FILES
+    assert (CIFAR10.meta["filename"], CIFAR10.meta["md5"]) == data.CIFAR_META_FILE
+    assert CIFAR10.tgz_md5 == data.CIFAR_ARCHIVE_MD5
+
+
+def test_reading_data_does_not_import_torchvision():
+    """torchvision (with the torch._dynamo and sympy it imports) is only for downloads."""
+    code = (
+        "import sys\nfrom pipeline.config import DatasetConfig\nfrom pipeline.data import load_split\n"
+        "load_split(DatasetConfig(source='gmm'))\n"
+        "print(sorted(m for m in ('torchvision', 'sympy', 'torch._dynamo') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 # --------------------------------------------------------------------------------------------
 # Fashion-MNIST
+
+
+def test_idx_files_read_as_torchvision_reads_them(root):
+    """The images and labels of the split are the rows torchvision's idx readers give, bit for bit."""
+    raw = root / "FashionMNIST" / "raw"
+    ids = (FASHION_CLASSES.index("Pullover"), FASHION_CLASSES.index("Bag"))
+    split = load_split(cfg("fashion2", root))
+    images = read_image_file(str(raw / "t10k-images-idx3-ubyte"))
+    labels = read_label_file(str(raw / "t10k-labels-idx1-ubyte"))
+    keep = (labels == ids[0]) | (labels == ids[1])
+    assert labels.dtype == torch.int64 and images.dtype == torch.uint8
+    expected = images[keep].reshape(int(keep.sum()), -1).float().div(255).sub(0.5).div(0.5)
+    assert torch.equal(split.x_test, expected)
+    assert torch.equal(split.y_test, (labels[keep] == ids[1]).long())
 
 
 def test_fashion2_matches_torchvision(root):
