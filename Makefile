@@ -37,13 +37,13 @@ demo: $(VENV)/.installed ## run the offline demo study (synthetic 2-D ground tru
 study: $(VENV)/.installed ## run or resume STUDY (default studies/cifar2.toml); TRIALS=N EPOCHS=N override
 	$(PY) -m pipeline study $(STUDY) $(OVERRIDES)
 
-# The study is created once, then N workers share it (one torch thread each unless OMP_NUM_THREADS says).
+# The study is created once, then N workers share it (one torch thread each unless PIPELINE_THREADS says).
 # Ctrl-C or SIGTERM to make reaches every worker (the trap forwards both): no worker is left behind.
 workers: $(VENV)/.installed ## run STUDY with N worker processes on this machine (N=4); TRIALS/EPOCHS as for study
 	$(PY) -m pipeline worker $(STUDY) $(OVERRIDES) --create-only
 	@pids=(); trap 'kill -TERM "$${pids[@]}" 2>/dev/null; wait' INT TERM; \
 	for i in $$(seq 1 $(N)); do \
-		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pipeline worker $(STUDY) $(OVERRIDES) --index $$i & \
+		PIPELINE_THREADS=$${PIPELINE_THREADS:-1} $(PY) -m pipeline worker $(STUDY) $(OVERRIDES) --index $$i & \
 		pids+=($$!); \
 	done; \
 	rc=0; for pid in "$${pids[@]}"; do wait "$$pid" || rc=$$?; done; exit $$rc

@@ -18,6 +18,7 @@ from pipeline.config import ConfigError, load_study
 from pipeline.errors import UsageError
 from pipeline.ops import schedule
 from pipeline.signals import exit_code, sigint_note, signal_in, stop_name, stop_on_signals
+from pipeline.threads import apply_threads, omp_environment
 from pipeline.urls import redact
 
 EXIT_USAGE = 2  # bad study file, bad data, refused resume
@@ -146,10 +147,18 @@ def _load(args: argparse.Namespace):
     )
 
 
-def cmd_study(args: argparse.Namespace) -> int:
-    from pipeline.study.run import run_study  # lazy: start-up stays light
+def _threads(cfg) -> int:
+    """The study's thread policy for this process (``pipeline.threads``): OpenMP's variables before
+    torch is first imported, then torch's intra-op thread count."""
+    os.environ.update(omp_environment(cfg.training.threads))
+    return apply_threads(cfg.training.threads)
 
+
+def cmd_study(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    _threads(cfg)
+    from pipeline.study.run import run_study  # lazy: start-up stays light; after the thread policy
+
     outcome = run_study(cfg, storage=args.storage, tracking_uri=args.tracking_uri)
     if outcome.complete_message is not None:
         print(outcome.complete_message)
@@ -167,9 +176,10 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_gradcheck(args: argparse.Namespace) -> int:
-    from pipeline.study.gate import run_gradcheck  # lazy: start-up stays light
-
     cfg = _load(args)
+    _threads(cfg)
+    from pipeline.study.gate import run_gradcheck  # lazy: start-up stays light; after the thread policy
+
     _, table, failures, folder = run_gradcheck(cfg, tracking_uri=args.tracking_uri)
     print(table)
     print(f"saved: {folder}/gradcheck.json, {folder}/gradcheck.png")
@@ -186,9 +196,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from pipeline.study.run import run_study  # lazy: start-up stays light
-
     cfg = _load(args)
+    _threads(cfg)
+    from pipeline.study.run import run_study  # lazy: start-up stays light; after the thread policy
+
     note = sigint_note()
     if note is not None and not args.create_only:
         print(f"worker (pid {os.getpid()}): {note}", file=sys.stderr, flush=True)
@@ -209,9 +220,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    from pipeline.ops.rerun import rerun_main  # lazy: start-up stays light
-
     cfg = _load(args)
+    _threads(cfg)
+    from pipeline.ops.rerun import rerun_main  # lazy: start-up stays light; after the thread policy
+
     return rerun_main(
         cfg,
         storage=args.storage,

@@ -7,6 +7,7 @@ naming the file, the key and the value, before anything is written to disk.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,19 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UsageError
+from pipeline.threads import ThreadsError, parse_threads
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-FASHION_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
+FASHION_CLASSES = tuple(
+    ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 )
 GMM_CLASSES = ("class 0", "class 1")
 CLASSES = {"cifar2": CIFAR10_CLASSES, "fashion2": FASHION_CLASSES, "gmm": GMM_CLASSES}
@@ -146,6 +139,7 @@ class TrainingConfig:
     population: int = 1  # trials trained at once as one batched computation (pipeline.population)
     seeds: int = 1  # training seeds per trial (replicates); the objective is their mean
     device: str = "auto"  # auto (CUDA when available, else CPU) | cpu | cuda | cuda:N (pipeline.device)
+    threads: int | str = "auto"  # auto | cores | free | N: CPU threads per process (pipeline.threads)
 
 
 @dataclass(frozen=True)
@@ -250,7 +244,8 @@ class StudyConfig:
         data = self.to_dict()
         if self.training.seeds == 1:  # the default leaves the hash of a study written before the key
             del data["training"]["seeds"]
-        del data["training"]["device"]  # where it runs, not what: the resolved device is in the provenance
+        for key in ("device", "threads"):  # where it runs, not what: the provenance says where it ran
+            del data["training"][key]
         del data["rerun"]  # how reruns test the selection, not what a trial computes
         blob = json.dumps(data, sort_keys=True, default=list).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -375,7 +370,11 @@ def _typed(where: str, key: str, value: Any, expected: Any) -> Any:
         return tuple(_typed(where, f"{key}[{i}]", v, item_type) for i, v in enumerate(value))
     if origin in (types.UnionType, typing.Union):
         options = [t for t in typing.get_args(expected) if t is not type(None)]
-        return _typed(where, key, value, options[0])
+        for option in options:  # the first option the value has (int | str: 4 or "auto")
+            with contextlib.suppress(ConfigError):
+                return _typed(where, key, value, option)
+        names = " or ".join(t.__name__ for t in options)
+        raise ConfigError(f"{where}: {key} = {value!r}: expected {names}, got {type(value).__name__}")
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -550,6 +549,10 @@ def _validate(cfg: StudyConfig, where: str) -> StudyConfig:
             tr.device,
             "must be 'auto', 'cpu', 'cuda' or 'cuda:N' (N = the GPU's index), e.g. device = 'cuda:0'",
         )
+    try:
+        parse_threads(tr.threads, where)
+    except ThreadsError as exc:
+        raise ConfigError(str(exc)) from None
     if tr.population > 1 and tr.backward != "autograd":
         raise bad(
             "training.population",

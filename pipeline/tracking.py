@@ -214,7 +214,11 @@ def provenance(device: torch.device | None = None) -> dict[str, str]:
         "numpy": numpy.__version__,
         "scikit_learn": sklearn.__version__,
         "pipeline": pipeline.__version__,
-        **(devices.describe(device) if device is not None else {}),
+        **(
+            devices.describe(device) | {"torch_threads": str(torch.get_num_threads())}
+            if device is not None
+            else {}
+        ),
     }
 
 

@@ -31,6 +31,7 @@ FLOORS = [
         "pipeline.gradcheck",
         "pipeline.stacked",
         "pipeline.device",
+        "pipeline.threads",
     },
     {"pipeline.storage", "pipeline.journal", "pipeline.tracking", "pipeline.signals", "pipeline.compare"},
     {"pipeline.report"},

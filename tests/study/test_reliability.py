@@ -75,7 +75,8 @@ def _kill_9_mid_trial_then_heal(tmp_path, env) -> None:
     spec, uri = env["OPTUNA_STORAGE"], env["MLFLOW_TRACKING_URI"]
     storage = open_storage(spec)
     write_study(tmp_path, trials=2, dataset=dict(FASHION), training__epochs=LONG)
-    run_study(fast_study(trials=1, training__epochs=LONG), progress=False)  # one trial completed before the crash
+    # one trial completed before the crash
+    run_study(fast_study(trials=1, training__epochs=LONG), progress=False)
     done = load(spec, storage=storage).trials[0]
     assert done.state == TrialState.COMPLETE
 
