@@ -6,6 +6,7 @@ interpreter for what a command really imported.
 """
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,30 @@ def test_light_commands_start_without_torch_mlflow_or_optuna(argv, tmp_path):
     )
     last = proc.stderr.strip().splitlines()[-1]
     assert last == "HEAVY [] RC 0", proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "rc"), [(["check", "studies/demo.toml"], 0), (["check", "no-such.toml"], 2)]
+)
+def test_the_fast_exit_keeps_the_exit_code_the_output_and_the_exit_handlers(argv, rc, tmp_path):
+    """``pipeline`` ends with ``os._exit`` after running the exit handlers: the code is main's, a
+    piped stdout arrives whole and a handler registered during the command still runs."""
+    marker = tmp_path / "handler-ran"
+    code = (
+        "import atexit, sys\nfrom pipeline.cli import entry\n"
+        "marker = sys.argv[1]\natexit.register(lambda: open(marker, 'w').write('ran'))\n"
+        "sys.argv = ['pipeline', *sys.argv[2:]]\nentry()\nprint('not reached')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(marker), *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == rc, proc.stderr
+    assert marker.read_text() == "ran" and "not reached" not in proc.stdout
+    if rc == 0:
+        assert json.loads(proc.stdout)["name"] == "demo"  # the whole JSON, flushed before the exit
+    else:
+        assert proc.stderr.startswith("error: ") and "no-such.toml" in proc.stderr

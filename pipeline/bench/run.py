@@ -20,6 +20,14 @@ import torch
 
 from pipeline import files
 from pipeline.bench.drift import drift_false_alarms, format_drift
+from pipeline.bench.process import (
+    DEMO_STUDY,
+    FASHION_STUDY,
+    format_process,
+    format_stage_times,
+    study_stage_times,
+    whole_process,
+)
 from pipeline.bench.speed import (
     HIDDEN,
     TRIAL_EPOCHS,
@@ -40,6 +48,7 @@ from pipeline.bench.studies import (
     replicate_cost,
     startup_seconds,
 )
+from pipeline.bench.threads import format_threads, thread_policy_table
 
 
 @dataclass
@@ -119,6 +128,17 @@ def run_bench(
         log(f"pruning's saving: {trials} trials x {epochs_} epochs without and with the median pruner ...")
         with tempfile.TemporaryDirectory(prefix="bench-pruning-") as tmp:
             result.extras["pruning"] = pruning_saving(trials, epochs_, fashion is not None, Path(tmp))
+    log("thread policy: each option quiet and beside one competing CPU-bound process ...")
+    result.extras["thread_policy"] = thread_policy_table(
+        quick=quick, repeats=repeats, log=log, root=data_root
+    )
+    log("whole process: pipeline study against the seed-style script ...")
+    result.extras["process"] = whole_process(repeats, log=log, quick=quick, data_root=data_root)
+    sizes = [(DEMO_STUDY, None, None), (FASHION_STUDY, 3, 5), (FASHION_STUDY, 3, TRIAL_EPOCHS)]
+    result.extras["stage_times"] = [
+        study_stage_times(path, trials, epochs_, log, quick=quick, data_root=data_root)
+        for path, trials, epochs_ in (sizes[:2] if quick else sizes)
+    ]
     pool, draws = (24, 200) if quick else (200, 5000)
     log(f"drift test on the demo's selection: {pool} replicates, {draws} simulated reruns ...")
     result.extras["drift"] = drift_false_alarms(pool_seeds=pool, draws=draws, log=log)
@@ -255,6 +275,12 @@ def format_report(result: BenchResult) -> str:
             f"bf16 {_mean_sd(bf16)}; bf16 - full per seed: "
             f"{', '.join(f'{d:+.4f}' for d in b['test_acc_bf16_minus_full'])}.",
         ]
+    if "thread_policy" in x:
+        out += ["", *format_threads(x["thread_policy"])]
+    if "process" in x:
+        out += ["", *format_process(x["process"])]
+    if "stage_times" in x:
+        out += ["", *format_stage_times(x["stage_times"], x.get("process"))]
     if "drift" in x:
         out += format_drift(x["drift"])
     return "\n".join(out) + "\n"
