@@ -9,6 +9,7 @@ true error R is the finite sum Σ_k Binom(k; m, R)·[R ∈ I(k)] (`exact_coverag
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -268,6 +269,30 @@ test_error_intervals.__test__ = False  # type: ignore[attr-defined]  # not a pyt
 # --- test-set size ---
 
 
+def sure_test_size(epsilon: float, delta: float, p: float = 0.5) -> int:
+    """An m from which the Clopper–Pearson half-width at k = round(p·m) is ≤ ε for every larger m too;
+    at most Hoeffding's size, and much smaller far from p = 0.5.
+
+    Each Clopper–Pearson side s satisfies δ/2 ≤ exp(−m·KL(p̂‖p̂ ± s)) (Chernoff's bound on the
+    binomial tail), and KL(a‖b) ≥ (a − b)² / (2·V) with V the largest t(1 − t) between a and b, so
+    s ≤ √(2·ln(2/δ)·V/m). V is taken over p ± (1/(2m) + Hoeffding's ε at m), which holds p̂ and both
+    limits; the bound falls with m, so a bisection finds where it reaches ε.
+    """
+    log_term = math.log(2 / delta)
+
+    def bound(m: int) -> float:
+        reach = 1 / (2 * m) + math.sqrt(log_term / (2 * m))
+        low, high = max(0.0, p - reach), min(1.0, p + reach)
+        v = 0.25 if low <= 0.5 <= high else max(low * (1 - low), high * (1 - high))
+        return math.sqrt(2 * log_term * v / m)
+
+    lo, hi = 1, hoeffding_test_size(epsilon, delta)  # bound ≤ Hoeffding's ε, which is ≤ ε at hi
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if bound(mid) <= epsilon * (1 - 1e-12) else (mid + 1, hi)
+    return hi
+
+
 def clopper_pearson_half_width(m: ArrayLike, delta: float, p: float = 0.5) -> NDArray:
     """(high − low)/2 of the Clopper–Pearson interval at k = round(p·m), confidence 1 − δ."""
     m = np.asarray(m)
@@ -275,14 +300,14 @@ def clopper_pearson_half_width(m: ArrayLike, delta: float, p: float = 0.5) -> ND
     return (high - low) / 2
 
 
+@functools.lru_cache(maxsize=256)
 def exact_test_size(epsilon: float, delta: float, p: float = 0.5) -> int:
     """Smallest m from which the Clopper–Pearson half-width (high − low)/2 at k = round(p·m) stays ≤ ε.
 
-    The half-width is not monotone in m (k is rounded), so this scans down from Hoeffding's size,
-    beyond which it is ≤ ε for sure (each Clopper–Pearson side is within Hoeffding's ε, as the
-    exact binomial tail is below Hoeffding's bound), to the largest m where it exceeds ε.
+    The half-width is not monotone in m (k is rounded), so this scans down from ``sure_test_size``,
+    beyond which it is ≤ ε for sure, to the largest m where it exceeds ε.
     """
-    top = hoeffding_test_size(epsilon, delta)
+    top = sure_test_size(epsilon, delta, p)
     chunk = 4096
     for stop in range(top, 1, -chunk):
         m = np.arange(max(stop - chunk, 1), stop)

@@ -170,6 +170,20 @@ def test_exact_test_size_near_notes_and_minimal(p: float, approx: int) -> None:
     assert all(half_width(n) <= 0.01 for n in range(m, m + 200))
 
 
+@pytest.mark.parametrize("p", [0.5, 0.45, 0.17, 0.05, 0.01, 0.001, 0.8, 0.999])
+def test_exact_test_size_equals_a_brute_force_scan_from_hoeffdings_size(p: float) -> None:
+    """Oracle: statsmodels' Clopper–Pearson at every m up to Hoeffding's size (beyond which every
+    half-width is ≤ ε): the answer is one past the largest m whose half-width exceeds ε; the faster
+    scan's starting point is never below it."""
+    epsilon, delta = 0.03, 0.05
+    m = np.arange(1, bounds.hoeffding_test_size(epsilon, delta) + 1)
+    low, high = proportion_confint(np.round(p * m), m, alpha=delta, method="beta")
+    too_wide = m[(high - low) / 2 > epsilon]
+    expected = int(too_wide[-1]) + 1 if too_wide.size else 1
+    assert bounds.exact_test_size(epsilon, delta, p) == expected
+    assert expected <= bounds.sure_test_size(epsilon, delta, p) <= bounds.hoeffding_test_size(epsilon, delta)
+
+
 def _bernoulli_sets(p: float, n_sets: int, m: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random((n_sets, m)) < p
 
