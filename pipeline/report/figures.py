@@ -128,7 +128,8 @@ def plot_bounds(
     if distribution is not None:
         dist = np.asarray(distribution, dtype=float)
         edges = error_histogram_bins(m, min(dist.min(), *values), max(dist.max(), *values))
-        heights, _, _ = ax.hist(dist, bins=edges, density=True, color="tab:blue", alpha=0.5)
+        heights, _ = np.histogram(dist, bins=edges, density=True)
+        ax.stairs(heights, edges, fill=True, color="tab:blue", alpha=0.5)  # one artist, not a bar per bin
         base, step = 1.05 * heights.max(), 0.1 * heights.max()
         ax.set_title(f"Bootstrap distribution of the test error (m = {m})")
     else:
