@@ -281,7 +281,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline import tracking  # lazy: start-up stays light
-    from pipeline.bench.run import format_table, run_bench, write_reports  # lazy: start-up stays light
+    from pipeline.bench.run import format_report, run_bench, write_reports  # lazy: start-up stays light
 
     for key in ("threads", "repeats", "epochs"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
@@ -295,8 +295,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         log=lambda line: print(line, file=sys.stderr),
     )
     paths = write_reports(result, args.out, tracking.provenance())
-    print(format_table(result.rows))
-    print("\n".join(f"- {note}" for note in result.notes))
+    print(format_report(result))  # every section, as bench.md holds it
     print(f"written: {', '.join(map(str, paths))}")
     return 0
 

@@ -31,6 +31,8 @@ from pipeline.bench.process import (
     study_argv,
     study_stage_times,
 )
+from pipeline.bench.run import BenchResult, format_report, write_reports
+from pipeline.bench.threads import CONDITIONS, format_threads, within_both
 from pipeline.config import DatasetConfig, load_study
 from pipeline.data import load_split
 from tests.study.test_workers import FASHION, write_fashion, write_study
@@ -211,3 +213,41 @@ def test_whole_process_memory_is_held_to_the_fashion2_target():
         lines
     )
     assert not [line for line in lines if line.startswith("Target, seed-style")]  # no target for it
+
+
+def test_bench_md_carries_the_thread_process_stage_and_memory_sections(tmp_path):
+    """``format_report`` (what ``make bench`` prints and writes) holds every section it was given,
+    in order, each as its own formatter renders it."""
+    cells = {
+        name: {
+            c: {"seconds": [m], "min": m, "median": m, "max": m, "threads": [1], "ratio": m / 0.5}
+            for c in CONDITIONS
+        }
+        for name, m in (("threads=1", 0.5), ("threads=free", 0.52))
+    }
+    threads = {
+        "cells": cells,
+        "within_10pct_both": within_both(cells),
+        "workload": {"name": "w", "n_train": 8, "n_val": 2, "batch": 4, "epochs": 1},
+        "repeats": 1,
+        "cores": 2,
+        "load": "a busy loop",
+        "load_average_1min": {"start": 1.0, "min": 1.0, "max": 1.0},
+    }
+    process = _process_result([10, 11, 14], [20, 21, 22])
+    stages = [_stage_result("fashion2", 30, 0.08, 0.1, 100.0, 9e8)]
+    extras = {
+        "machine": {"cpu": "x", "cores": 2, "threads": 2, "load_average_at_start": 0.1},
+        "matmul": {"fp32_gflop_s": 160.0, "bf16_gflop_s": 300.0, "n": 2048},
+        "thread_policy": threads,
+        "process": process,
+        "stage_times": stages,
+    }
+    md = format_report(BenchResult(rows=[], extras=extras))
+    parts = ["\n".join(format_threads(threads)), "\n".join(format_process(process))]
+    parts.append("\n".join(format_stage_times(stages, process)))
+    positions = [md.find(part) for part in parts]
+    assert -1 not in positions and positions == sorted(positions)
+    assert "## Peak memory" in md and "Target, Fashion-2 at 30 epochs" in md
+    (written,) = [p for p in write_reports(BenchResult(extras=extras), tmp_path) if p.name == "bench.md"]
+    assert written.read_text() == md
