@@ -69,7 +69,7 @@ export: $(VENV)/.installed ## write STUDY's selected trial to OUT (config, weigh
 	$(PY) -m pipeline export $(STUDY) --out $(OUT) $(if $(REGISTER),--register $(REGISTER))
 
 .PHONY: bench
-bench: $(VENV)/.installed ## time the seed-style loop vs ours vs this machine's matmul rate (BENCH=--quick for a smoke run)
+bench: $(VENV)/.installed ## time training, thread policies, whole processes, stage times, memory, drift (BENCH=--quick: smoke run)
 	$(PY) -m pipeline bench $(BENCH)
 
 .PHONY: gpu-check
