@@ -247,3 +247,19 @@ def test_a_training_command_applies_the_policy_before_torch_loads(tmp_path, sett
 
 def threads_module_cores() -> int:
     return threads.cpu_cores()
+
+
+def test_a_bad_pipeline_threads_stops_a_study_with_exit_2_before_anything_is_written(
+    tmp_path, monkeypatch, capsys
+):
+    path = tmp_path / "t.toml"
+    path.write_text(study_text(""))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(ENV_VAR, "lots")
+    assert main(["study", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: environment: PIPELINE_THREADS = 'lots': must be 'auto', 'cores', 'free' or a positive "
+        "integer (threads per process), e.g. PIPELINE_THREADS=1"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.toml"]  # no storage, mlruns or reports
