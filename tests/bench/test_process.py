@@ -32,9 +32,10 @@ from pipeline.bench.process import (
     study_stage_times,
 )
 from pipeline.bench.run import BenchResult, format_report, write_reports
-from pipeline.bench.threads import CONDITIONS, format_threads, within_both
+from pipeline.bench.threads import format_threads
 from pipeline.config import DatasetConfig, load_study
 from pipeline.data import load_split
+from tests.bench.test_threads_bench import result_of, with_ratios
 from tests.study.test_workers import FASHION, write_fashion, write_study
 
 
@@ -218,22 +219,7 @@ def test_whole_process_memory_is_held_to_the_fashion2_target():
 def test_bench_md_carries_the_thread_process_stage_and_memory_sections(tmp_path):
     """``format_report`` (what ``make bench`` prints and writes) holds every section it was given,
     in order, each as its own formatter renders it."""
-    cells = {
-        name: {
-            c: {"seconds": [m], "min": m, "median": m, "max": m, "threads": [1], "ratio": m / 0.5}
-            for c in CONDITIONS
-        }
-        for name, m in (("threads=1", 0.5), ("threads=free", 0.52))
-    }
-    threads = {
-        "cells": cells,
-        "within_10pct_both": within_both(cells),
-        "workload": {"name": "w", "n_train": 8, "n_val": 2, "batch": 4, "epochs": 1},
-        "repeats": 1,
-        "cores": 2,
-        "load": "a busy loop",
-        "load_average_1min": {"start": 1.0, "min": 1.0, "max": 1.0},
-    }
+    threads = result_of(with_ratios({"threads=1": (0.5, 0.5), "threads=free": (0.52, 0.51)}))
     process = _process_result([10, 11, 14], [20, 21, 22])
     stages = [_stage_result("fashion2", 30, 0.08, 0.1, 100.0, 9e8)]
     extras = {
