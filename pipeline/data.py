@@ -11,12 +11,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import pickle
 import shutil
 import struct
 import tarfile
-import tempfile
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import files
 from pipeline.config import CLASSES, DEFAULT_CLASSES, DatasetConfig
 from pipeline.errors import UsageError
 from pipeline.seeds import derive_seed
@@ -230,12 +229,14 @@ def _cifar_folder(root: Path, download: bool) -> Path:
             raise DataError(_CIFAR_MISSING.format(root=root) + f" (download failed: {exc})") from exc
     if not tv_utils.check_integrity(archive, CIFAR_ARCHIVE_MD5):
         raise DataError(f"{archive}: MD5 mismatch (corrupt or truncated): delete it and download it again")
-    with tempfile.TemporaryDirectory(dir=root, prefix=".cifar-extract-") as tmp:
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(tmp, filter="data")
-        if not (Path(tmp) / CIFAR_FOLDER).is_dir():
+    # all or nothing: the batches land in a temporary folder renamed into place, never half a folder
+    with tarfile.open(archive, "r:gz") as tar, files.atomic_dir(folder) as tmp:
+        members = [m for m in tar.getmembers() if m.name.startswith(f"{CIFAR_FOLDER}/")]
+        if not members:
             raise DataError(f"{archive}: has no {CIFAR_FOLDER}/ folder; is it the python version?")
-        os.replace(Path(tmp) / CIFAR_FOLDER, folder)  # all or nothing: no half-extracted folder
+        for member in members:
+            member.name = member.name[len(CIFAR_FOLDER) + 1 :]
+        tar.extractall(tmp, members=[m for m in members if m.name], filter="data")
     return folder
 
 
@@ -312,14 +313,10 @@ def _fashion_raw(root: Path, download: bool) -> Path:
 
 def _gunzip(src: Path, dest: Path) -> None:
     """Decompress to a temporary name, then rename: a crash never leaves half an idx file."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     try:
-        with gzip.open(src, "rb") as fin, tmp.open("wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
-        os.replace(tmp, dest)
+        with gzip.open(src, "rb") as fin:
+            files.atomic_write(dest, lambda fout: shutil.copyfileobj(fin, fout, 1 << 20))
     except (OSError, EOFError, zlib.error) as exc:
-        tmp.unlink(missing_ok=True)
         raise DataError(f"{src}: cannot decompress ({exc}); reinstall dataset-fashion-mnist") from exc
 
 

@@ -363,6 +363,18 @@ def test_cifar_archive_is_checked_and_extracted(root, tmp_path, monkeypatch):
     assert sorted(p.name for p in fresh.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
 
 
+def test_cifar_archive_of_another_layout_leaves_nothing_behind(root, tmp_path, monkeypatch):
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    archive = fresh / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:  # the binary version's folder name, not the python one
+        tar.add(root / "cifar-10-batches-py", arcname="cifar-10-batches-bin")
+    monkeypatch.setattr(data, "CIFAR_ARCHIVE_MD5", md5(archive))
+    with pytest.raises(DataError, match="has no cifar-10-batches-py/ folder; is it the python version"):
+        load_split(cfg("cifar2", fresh))
+    assert sorted(p.name for p in fresh.iterdir()) == ["cifar-10-python.tar.gz"]  # no temporaries
+
+
 def test_cifar_constants_are_torchvisions():
     """The folder and MD5 lists written out in pipeline.data are torchvision's CIFAR10 ones."""
     assert CIFAR10.base_folder == data.CIFAR_FOLDER
