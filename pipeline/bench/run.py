@@ -39,10 +39,10 @@ from pipeline.bench.speed import (
     with_threads,
 )
 from pipeline.bench.studies import (
-    _overhead,
     capacity_config,
     capacity_members,
     lr_search_members,
+    overhead_study,
     population_speed,
     pruning_saving,
     replicate_cost,
@@ -122,7 +122,7 @@ def run_bench(
     log("start-up of each command (fresh interpreters) ...")
     result.extras["startup"] = startup_seconds(repeats=1 if quick else 3)
     log("study overhead (Optuna + MLflow + reports vs bare training) ...")
-    result.extras["study_overhead"] = _overhead(fashion is not None, quick)
+    result.extras["study_overhead"] = overhead_study(fashion is not None, quick)
     if pruning:
         trials, epochs_ = (6, 3) if quick else (40, TRIAL_EPOCHS)
         log(f"pruning's saving: {trials} trials x {epochs_} epochs without and with the median pruner ...")

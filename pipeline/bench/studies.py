@@ -22,7 +22,7 @@ from pipeline.config import TrainingConfig, load_study, parse_study
 from pipeline.data import load_split
 from pipeline.model import build_mlp
 from pipeline.stacked import plan_groups, train_population, train_sets
-from pipeline.storage import open_storage
+from pipeline.storage import open_storage, trial_counts
 from pipeline.study.run import run_study
 from pipeline.train import Hyper, replicate_seeds, train, trial_setup
 
@@ -206,14 +206,15 @@ def pruning_saving(trials: int, epochs: int, fashion: bool, workdir: Path) -> di
             progress=False,
         )
         wall = time.perf_counter() - start
-        done = optuna.load_study(study_name=cfg.name, storage=open_storage(storage)).trials
+        study = optuna.load_study(study_name=cfg.name, storage=open_storage(storage))
+        done = study.trials
         ran = sum(int(t.user_attrs.get("epochs_run", 0)) for t in done)
         complete = [t for t in done if t.state == TrialState.COMPLETE]
         out[kind] = {
             "wall_s": wall,
             "epochs_run": ran,
             "fraction_of_full_training": ran / (len(done) * epochs),
-            "pruned": sum(t.state == TrialState.PRUNED for t in done),
+            "pruned": trial_counts(study).pruned,
             "best_val_acc": max((t.value for t in complete), default=math.nan),
         }
     return out
@@ -234,7 +235,7 @@ def _study_raw(name: str, fashion: bool, trials: int, epochs: int) -> dict[str, 
     }
 
 
-def _overhead(fashion: bool, quick: bool) -> dict[str, Any]:
+def overhead_study(fashion: bool, quick: bool) -> dict[str, Any]:
 
     raw = _study_raw("bench-overhead", fashion, trials=3 if quick else 5, epochs=2 if quick else 5)
     raw["sampler"] = {"kind": "random"}
