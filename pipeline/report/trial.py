@@ -30,6 +30,7 @@ from pipeline.report.figures import (
     plot_true_distribution,
 )
 from pipeline.report.html import Figure, classification_rows, figure, render
+from pipeline.seeds import derive_seed
 from pipeline.train import EpochRecord, TrainResult
 
 TRUE_ERROR_SAMPLE = 250_000  # fresh points behind the true error (its Monte Carlo SD: ≈ 4e-4 at R = 0.14)
@@ -192,7 +193,7 @@ def bounds_and_report(
     """
     started = time.perf_counter()
     confidence = cfg.bounds.confidence
-    rng = np.random.default_rng([cfg.training.seed, trial_number])
+    rng = np.random.default_rng(derive_seed(cfg.training.seed, "bootstrap", trial_number))
     err = bounds.analyse_errors(test.errors, confidence, rng)
     m = err.m
     delta = 1 - confidence
@@ -214,7 +215,7 @@ def bounds_and_report(
             m,
             cfg.bounds.fresh_sets,
             confidence,
-            seed=cfg.dataset.seed * 7919 + trial_number + 1,
+            seed=derive_seed(cfg.dataset.seed, "ground-truth", trial_number),
         )
         metrics["true_error"] = truth.true_error
         metrics["true_error_sd"] = truth.true_error_sd
