@@ -310,8 +310,14 @@ def compare(
     same = same and base_k.tolist() == list(current["test_k"])  # implied by equal predictions
     mean_b, mean_c = np.mean(base_k) / current["test_m"], np.mean(current["test_k"]) / current["test_m"]
     test = f"p = {p:.3g} {'<=' if p <= alpha else '>'} alpha = {alpha:.3g}"
-    if same:
+    moved = code_changes(baseline, current)
+    if same and not moved:
         verdict, reason = "reproduced", "every replicate's test predictions are bitwise the baseline's"
+    elif same:  # identical numbers from other code or versions: consistent, not a reproduction
+        verdict, reason = "consistent", (
+            "every replicate's test predictions are bitwise the baseline's, but from other code or "
+            f"versions ({'; '.join(moved)}), {test}"
+        )
     elif p <= alpha:
         verdict, reason = "drift", f"mean test error {mean_b:.4f} → {mean_c:.4f}, {test}"
     else:
@@ -346,6 +352,16 @@ def _counts(record: Mapping[str, Any]) -> NDArray:
     if "test_k" in record:
         return np.asarray(record["test_k"])
     return np.round(np.asarray(record["test_errors"]) * record["test_m"]).astype(int)
+
+
+# provenance that names the code and the versions a reproduction must share (not host, device or threads)
+CODE_KEYS = ("git_commit", "pipeline", "python", "torch", "numpy", "optuna", "mlflow", "scikit_learn")
+
+
+def code_changes(previous: Mapping[str, Any], current: Mapping[str, Any]) -> tuple[str, ...]:
+    """The code and package versions that differ between two records' provenance."""
+    old, new = previous.get("provenance", {}), current.get("provenance", {})
+    return tuple(f"{k}: {old.get(k)} → {new.get(k)}" for k in CODE_KEYS if old.get(k) != new.get(k))
 
 
 def changes(previous: Mapping[str, Any], current: Mapping[str, Any]) -> tuple[str, ...]:

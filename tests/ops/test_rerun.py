@@ -272,6 +272,15 @@ def test_verdicts_reproduced_consistent_drift():
     assert (near.verdict, near.reproduced, near.p_value) == ("consistent", False, 1.0)
     assert near.changes == ("torch: 2.14.1 → 2.15.0", "torch_threads: 2 → 1") and near.comparison == 2
 
+    # bitwise the same predictions from another torch: not a reproduction (other code), consistent
+    upgraded = _record(k, provenance={"git_commit": "abc", "torch": "2.15.0", "torch_threads": "2"})
+    same_bits = compare(base, 0, upgraded, _logits(k), stored, NONE, 2, np.random.default_rng(0))
+    assert (same_bits.verdict, same_bits.reproduced, same_bits.p_value) == ("consistent", True, 1.0)
+    assert "from other code or versions (torch: 2.14.1 → 2.15.0)" in same_bits.reasons[0]
+    # the host or the thread count is not code: identical predictions there are still reproduced
+    elsewhere = _record(k, provenance={"git_commit": "abc", "torch": "2.14.1", "torch_threads": "1"})
+    assert compare(base, 0, elsewhere, _logits(k), stored, NONE, 2, None).verdict == "reproduced"
+
     # errors up by 5 counts on every replicate: drift, with scipy's p-value
     up = [n + 5 for n in k]
     shifted = compare(base, 0, _record(up), _logits(up), stored, NONE, 1, np.random.default_rng(0))
