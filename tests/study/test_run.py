@@ -6,9 +6,11 @@ artifacts), and the files on disk.
 
 import json
 
+import numpy as np
 import optuna
 import pytest
 from mlflow import MlflowClient
+from scipy import stats
 
 from pipeline.storage import StudyError, open_storage, storage_spec
 from tests.conftest import tiny_study
@@ -81,6 +83,20 @@ def test_smoke_study_runs_every_stage_and_tracks_it(workspace):
     assert summary["test_error"] == pytest.approx(by_number[0].data.metrics["test_error"])
     assert sum(map(sum, summary["confusion_matrix"])) == 300
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
+    # the ground truth's exact coverage in metrics.json, against an independent pmf sum (scipy)
+    truth = summary["ground_truth"]
+    R, m = truth["true_error"], 300
+    k = np.arange(m + 1)
+    covered = {r["method"]: r for r in truth["coverage"]}
+    low, high = stats.beta.ppf(0.05, k, m - k + 1), stats.beta.ppf(0.95, k + 1, m - k)
+    low, high = np.where(k == 0, 0.0, low), np.where(k == m, 1.0, high)
+    oracle = stats.binom.pmf(k, m, R)[(low <= R) & (high >= R)].sum()
+    assert covered["clopper_pearson"]["exact_coverage"] == pytest.approx(oracle, abs=1e-9)
+    eps = np.sqrt(np.log(2 / 0.1) / (2 * m))
+    oracle = stats.binom.pmf(k, m, R)[np.abs(k / m - R) <= eps].sum()
+    assert covered["hoeffding"]["exact_coverage"] == pytest.approx(oracle, abs=1e-9)
+    assert covered["clopper_pearson"]["coverage"] is not None  # the simulated check sits beside it
+    assert "exact coverage" in (folder / "report.html").read_text().lower()
 
 
 def test_resume_keeps_finished_trials_and_caps_the_total(workspace):
