@@ -225,6 +225,28 @@ def test_seed_noise_is_tied_and_a_real_difference_is_not(seeded):
     assert data["seed_comparison"]["verdict"] == summary.seed_comparison.verdict
 
 
+def test_a_configuration_better_by_far_more_than_seed_noise_has_no_tie():
+    """Trial 2 is 0.05 better at SD 0.01 over 5 seeds: selected, and neither twin is tied with it."""
+    rng = np.random.default_rng(1)
+    study = optuna.create_study(study_name="tiny", direction="maximize")
+    for lr, mean in ((0.05, 0.85), (0.1, 0.85), (0.2, 0.90)):
+        study.add_trial(
+            _seeded_trial(
+                {"lr": lr, "momentum": 0.0},
+                mean + 0.01 * rng.standard_normal(K),
+                1 - mean + 0.01 * rng.standard_normal(K),
+            )
+        )
+    summary = summarize_study(study, tiny_study(training__seeds=K), {})
+    ranked, oracle = _oracle(study)
+    assert summary.selected == ranked[0].number == 2
+    got = {r.number: (r.p_value, r.p_adjusted, r.tied) for r in summary.tied}
+    assert got.keys() == oracle.keys() == {0, 1}
+    for n, (p, adj, tied) in oracle.items():
+        assert got[n][:2] == pytest.approx((p, adj), rel=1e-12) and got[n][2] is bool(tied) is False
+    assert summary.metrics["tied_set_size"] == 0
+
+
 def test_one_seed_trials_are_left_out_and_unequal_seeds_are_not_paired(seeded):
     seeded.add_trial(  # an old trial: one seed, no per-seed attributes
         create_trial(
@@ -333,4 +355,6 @@ def test_with_one_seed_the_page_says_why_no_tied_set_can_be_stated(tmp_path):
     assert "seed noise (initialisation, batch order) cannot be separated from the configuration" in text
     assert "<code>[training] seeds = K</code> with K ≥ 2" in text
     assert "<th>Holm-adjusted p</th>" not in text and "statistically tied with it</b>" not in text
+    selected = storage.ranked_trials(study)[0].number
+    assert f"<b>Selected trial {selected}; which configurations are statistically tied with it cannot be" in text
     assert dataclasses.asdict(tiny_study().training)["seeds"] == 1
