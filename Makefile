@@ -80,16 +80,17 @@ gpu-check: $(VENV)/.installed ## on a CUDA device: oracles rerun there, trials/s
 best: $(VENV)/.installed ## print STUDY's selected trial: params, objective (mean over seeds), test error, report, weights
 	$(PY) -m pipeline best $(STUDY)
 
-studies: $(VENV)/.installed ## list every study in storage/ (and in $$OPTUNA_STORAGE) with its trial counts
+studies: $(VENV)/.installed ## list every study in storage/ (and in $$OPTUNA_STORAGE): trials done/target, best, last update
 	$(PY) -m pipeline studies
 
 delete: $(VENV)/.installed ## remove STUDY's storage, MLflow experiment and reports (asks for YES=1)
 	$(PY) -m pipeline delete $(STUDY) $(if $(YES),--yes)
 
+# The storage is opened inside `pipeline dashboard`: its URL (and a password in it) is never in argv.
 DASHBOARD_PORT ?= 8080
 dashboard: $(VENV)/.installed ## browse STUDY's Optuna storage in optuna-dashboard on 127.0.0.1 (DASHBOARD_PORT=8080)
 	@$(PY) -c 'import optuna_dashboard' 2>/dev/null || $(PY) -m pip install --quiet -e '.[dashboard]'
-	$(VENV)/bin/optuna-dashboard "$$($(PY) -m pipeline storage $(STUDY) --unredacted)" --host 127.0.0.1 --port $(DASHBOARD_PORT)
+	$(PY) -m pipeline dashboard $(STUDY) --port $(DASHBOARD_PORT)
 
 ui: $(VENV)/.installed ## open the MLflow UI over this project's runs on 127.0.0.1 (PORT=5000)
 	@mkdir -p mlruns

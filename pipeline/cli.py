@@ -91,8 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="also log the model to the trial's MLflow run, register it as NAME, set alias champion",
     )
-    p = sub.add_parser("studies", help="list every study in storage/ (and in --storage)")
-    p.add_argument("--storage", help="also list the studies in this storage (a journal file or database URL)")
+    p = sub.add_parser(
+        "studies",
+        help="list every study in storage/ (and in --storage): trials done/target, best, last update",
+    )
+    p.add_argument("--name", help="only this study")
+    p.add_argument(
+        "--storage",
+        help="also list this storage's studies: a journal file or database URL (default $OPTUNA_STORAGE)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI, where each study's trial target is read "
+        "(default $MLFLOW_TRACKING_URI, else mlruns/)",
+    )
     p = sub.add_parser("delete", help="remove a study's storage, MLflow experiment and reports (needs --yes)")
     _where_args(p)
     p.add_argument("--yes", action="store_true", help="really remove them (without: say what would go)")
@@ -100,9 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study_file", type=Path, metavar="STUDY.toml")
     p.add_argument("--name", help="study name (overrides the file)")
     p.add_argument("--storage", help="Optuna storage (default $OPTUNA_STORAGE, else storage/<name>.journal)")
-    p.add_argument(
-        "--unredacted", action="store_true", help="print the password too (for a pipe into optuna-dashboard)"
+    p = sub.add_parser(
+        "dashboard",
+        help="serve optuna-dashboard over a study's Optuna storage (its URL never on a command line)",
     )
+    p.add_argument("study_file", type=Path, metavar="STUDY.toml")
+    p.add_argument("--name", help="study name (overrides the file)")
+    p.add_argument("--storage", help="Optuna storage (default $OPTUNA_STORAGE, else storage/<name>.journal)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     p = sub.add_parser("check", help="validate a study file and print the resolved configuration")
     p.add_argument("study_file", type=Path, metavar="STUDY.toml")
     p = sub.add_parser(
@@ -262,15 +282,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_studies(args: argparse.Namespace) -> int:
     from pipeline.ops.manage import studies_main  # lazy: start-up stays light
 
-    return studies_main(args.storage or os.environ.get("OPTUNA_STORAGE"))
+    return studies_main(args.storage or os.environ.get("OPTUNA_STORAGE"), args.name, args.tracking_uri)
 
 
 def cmd_storage(args: argparse.Namespace) -> int:
     from pipeline.storage import storage_spec  # lazy: start-up stays light
 
     spec = storage_spec(_load(args), args.storage)
-    print(spec if args.unredacted else redact(spec))
+    print(redact(spec))
     return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from pipeline.ops.dashboard import dashboard_main  # lazy: start-up stays light
+
+    return dashboard_main(_load(args), args.storage, args.host, args.port)
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -316,6 +342,7 @@ COMMANDS = {
     "studies": cmd_studies,
     "delete": cmd_delete,
     "storage": cmd_storage,
+    "dashboard": cmd_dashboard,
 }
 
 

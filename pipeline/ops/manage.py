@@ -3,7 +3,9 @@
 ``best`` reads the selection the study page makes (``report.study_summary.ranked_trials``: best by
 the validation objective, never by test) and says where its report and weights are. ``delete``
 removes a study's Optuna storage, its MLflow experiment (the way MLflow deletes: recoverable
-with ``mlflow experiments restore``) and its reports folder, and only with ``--yes``.
+with ``mlflow experiments restore``) and its reports folder, and only with ``--yes``. ``studies``
+shows each study's finished trials against its target: the ``trials_target`` tag of its MLflow
+parent run, which every run of the study (``study``, ``worker``, ``rerun``) sets to its target.
 """
 
 from __future__ import annotations
@@ -30,15 +32,24 @@ from pipeline.storage import (
 )
 
 
-def load(cfg: StudyConfig, storage: str | None = None) -> tuple[optuna.Study, str]:
-    """The study of ``cfg`` in its storage, or one clear error."""
+def open_existing(cfg: StudyConfig, storage: str | None = None) -> tuple[optuna.storages.BaseStorage, str]:
+    """The storage that holds ``cfg``'s study, and its spec; one clear error (and nothing created)
+    when there is no such storage or no such study in it."""
     spec = storage_spec(cfg, storage)
     if "://" not in spec and not Path(spec).is_file():
         raise StudyError(f"{cfg.path}: no Optuna storage at {spec}; run `pipeline study {cfg.path}` first")
+    opened = open_storage(spec)
     try:
-        return optuna.load_study(study_name=cfg.name, storage=open_storage(spec)), spec
+        opened.get_study_id_from_name(cfg.name)
     except KeyError:
         raise StudyError(f"{cfg.path}: no study named {cfg.name!r} in {redact(spec)}") from None
+    return opened, spec
+
+
+def load(cfg: StudyConfig, storage: str | None = None) -> tuple[optuna.Study, str]:
+    """The study of ``cfg`` in its storage, or one clear error."""
+    opened, spec = open_existing(cfg, storage)
+    return optuna.load_study(study_name=cfg.name, storage=opened), spec
 
 
 def _weights(mlflow, run_id: str | None) -> str:
@@ -81,19 +92,21 @@ def best_main(cfg: StudyConfig, storage: str | None, tracking_uri: str | None) -
 @dataclass(frozen=True)
 class StudyRow:
     name: str
-    finished: int
+    finished: int  # complete or pruned: what the target counts
     failed: int
     best: float | None
     updated: str
     storage: str
 
 
-def list_studies(specs: list[str]) -> list[StudyRow]:
-    """Every study in the given storages (journal files or database URLs)."""
+def list_studies(specs: list[str], name: str | None = None) -> list[StudyRow]:
+    """Every study in the given storages (journal files or database URLs); only ``name`` if given."""
     rows = []
     for spec in specs:
         storage = open_storage(spec)
         for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+            if name is not None and summary.study_name != name:
+                continue
             study = optuna.load_study(study_name=summary.study_name, storage=storage)
             counts = trial_counts(study)
             ranked = ranked_trials(study)
@@ -106,21 +119,53 @@ def list_studies(specs: list[str]) -> list[StudyRow]:
     return sorted(rows, key=lambda r: (r.name, r.storage))
 
 
-def studies_main(storage: str | None) -> int:
-    """``pipeline studies``: every study in storage/ (and in --storage / $OPTUNA_STORAGE)."""
-    specs = (
-        sorted(str(p) for p in DEFAULT_STORAGE_DIR.glob("*.journal")) if DEFAULT_STORAGE_DIR.is_dir() else []
-    )
-    if storage:
-        specs.append(storage)
-    rows = list_studies(specs)
+def trial_targets(names: set[str], tracking_uri: str | None) -> dict[str, int]:
+    """Each study's trial target, from the ``trials_target`` tag of its MLflow parent run.
+
+    A SQLite store that does not exist yet has none (and is not created by a listing).
+    """
+    uri = tracking.tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return {}
+    tracking.check_reachable(uri)
+    mlflow = tracking.client(uri)
+    targets = {}
+    for name in sorted(names):
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            continue
+        runs = mlflow.search_runs(  # the parent run, found as tracking.study_run finds it
+            [experiment.experiment_id],
+            filter_string=f"tags.pipeline_role = '{tracking.STUDY_ROLE}'",
+            max_results=1,
+            order_by=["attributes.start_time ASC"],
+        )
+        tag = runs[0].data.tags.get("trials_target", "") if runs else ""
+        if tag.isdigit():
+            targets[name] = int(tag)
+    return targets
+
+
+def studies_main(storage: str | None, name: str | None = None, tracking_uri: str | None = None) -> int:
+    """``pipeline studies``: every study in storage/ (and in --storage / $OPTUNA_STORAGE), its trials
+    done against its target; ``name``: only that study."""
+    journals = sorted(DEFAULT_STORAGE_DIR.glob("*.journal")) if DEFAULT_STORAGE_DIR.is_dir() else []
+    specs = [str(p) for p in journals]
+    if storage and ("://" in storage or Path(storage).resolve() not in {p.resolve() for p in journals}):
+        specs.append(storage)  # a journal under storage/ given again is listed once
+    rows = list_studies(specs, name)
+    where = "storage/" + (f" or {redact(storage)}" if storage else "")
     if not rows:
-        print("no studies found in storage/ (run `pipeline study studies/demo.toml`)", file=sys.stderr)
+        if name is not None:
+            raise StudyError(f"no study named {name!r} in {where}")
+        print(f"no studies found in {where} (run `pipeline study studies/demo.toml`)", file=sys.stderr)
         return 0
-    print("study\tfinished\tfailed\tbest\tlast update\tstorage")
+    targets = trial_targets({r.name for r in rows}, tracking_uri)
+    print("study\tdone/target\tfailed\tbest\tlast update\tstorage")
     for r in rows:
         best = f"{r.best:.4f}" if r.best is not None else "—"
-        print(f"{r.name}\t{r.finished}\t{r.failed}\t{best}\t{r.updated}\t{r.storage}")
+        done = f"{r.finished}/{targets[r.name]}" if r.name in targets else str(r.finished)
+        print(f"{r.name}\t{done}\t{r.failed}\t{best}\t{r.updated}\t{r.storage}")
     return 0
 
 

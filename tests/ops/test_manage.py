@@ -44,11 +44,39 @@ def test_best_names_the_validation_winner_and_weights_that_retest_to_its_error(p
     assert test.error == winner.user_attrs["test_error"]  # the same errors, to the last count
 
 
-def test_studies_lists_and_delete_asks_then_removes_everything(project, capsys, monkeypatch):
+def _studies(capsys, *args):
+    """``pipeline studies ARGS``: its exit code, its rows split into columns, its stderr."""
     capsys.readouterr()
-    assert cli.main(["studies", "--storage", project["storage"]]) == 0
-    rows = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
-    assert rows[0][:4] == ["study", "finished", "failed", "best"] and rows[1][:3] == ["tiny", "3", "0"]
+    rc = cli.main(["studies", *args])
+    out, err = capsys.readouterr()
+    return rc, [line.split("\t") for line in out.strip().splitlines()], err
+
+
+def test_studies_shows_done_of_target_and_takes_name_storage_and_tracking_uri(project, capsys):
+    """Oracles: the trial target the run was given (--trials) and Optuna's own count of trials."""
+    optuna.create_study(study_name="other", storage=open_storage(project["storage"]))  # not in MLflow
+    assert cli.main(["study", "tiny.toml", "--trials", "5", *project["args"]]) == 0  # a new target: 5
+
+    rc, rows, _ = _studies(capsys, *project["args"])  # its journal is also storage/study.journal: listed once
+    assert rc == 0 and rows[0][:4] == ["study", "done/target", "failed", "best"]
+    assert [r[:3] for r in rows[1:]] == [["other", "0", "0"], ["tiny", "5/5", "0"]]
+
+    rc, rows, _ = _studies(capsys, "--name", "tiny", *project["args"])
+    assert rc == 0 and [r[:2] for r in rows[1:]] == [["tiny", "5/5"]]
+
+    elsewhere = project["root"] / "other-mlruns" / "mlflow.db"  # a store that holds no target
+    rc, rows, _ = _studies(capsys, "--name", "tiny", "--tracking-uri", f"sqlite:///{elsewhere}")
+    assert rc == 0 and [r[:2] for r in rows[1:]] == [["tiny", "5"]] and not elsewhere.parent.exists()
+
+    rc, rows, err = _studies(capsys, "--name", "nosuch", *project["args"])
+    assert rc == 2 and rows == []
+    assert err == f"error: no study named 'nosuch' in storage/ or {project['storage']}\n"
+
+
+def test_studies_lists_and_delete_asks_then_removes_everything(project, capsys, monkeypatch):
+    rc, rows, _ = _studies(capsys, "--storage", project["storage"])
+    assert rc == 0 and rows[0][:4] == ["study", "done/target", "failed", "best"]
+    assert rows[1][:3] == ["tiny", "3/3", "0"]
 
     journal = project["root"] / "storage" / "study.journal"
     reports = project["root"] / "reports" / "tiny"
