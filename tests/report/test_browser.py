@@ -14,7 +14,6 @@ import subprocess
 import pytest
 from PIL import Image
 
-from pipeline.study.run import run_study
 from tests.conftest import tiny_study
 
 CHROMIUM = shutil.which("chromium")
@@ -57,14 +56,7 @@ def pages(workspace, monkeypatch):
     monkeypatch.setattr(
         "pipeline.report.trial.TRUE_ERROR_SAMPLE", 100_000
     )  # the true error is not checked here
-    (workspace["root"] / "mlruns").mkdir()
-    outcome = run_study(
-        tiny_study(trials=2),
-        storage=workspace["storage"],
-        tracking_uri=workspace["tracking_uri"],
-        reports_root=workspace["reports_root"],
-        progress=False,
-    )
+    outcome = workspace.run(tiny_study(trials=2))
     return [outcome.page, outcome.reports / "trial-0000" / "report.html"]
 
 

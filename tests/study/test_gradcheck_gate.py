@@ -17,7 +17,6 @@ from pipeline.model import build_mlp
 from pipeline.report.figures import plot_decision_boundary
 from pipeline.storage import open_storage
 from pipeline.study.gate import GradcheckFailed, run_gradcheck
-from pipeline.study.run import run_study
 from tests.conftest import tiny_study
 
 
@@ -49,13 +48,7 @@ def test_a_wrong_backprop_fails_the_study_before_any_trial(workspace, monkeypatc
     monkeypatch.setattr(backprop, "manual_loss_and_gradients", off_by_one_percent)
     cfg = tiny_study(gradcheck__enabled=True, gradcheck__max_examples=100)
     with pytest.raises(GradcheckFailed, match="manual vs autograd"):
-        run_study(
-            cfg,
-            storage=workspace["storage"],
-            tracking_uri=workspace["tracking_uri"],
-            reports_root=workspace["reports_root"],
-            progress=False,
-        )
+        workspace.run(cfg)
     study = optuna.load_study(study_name="tiny", storage=open_storage(workspace["storage"]))
     assert study.trials == []
 

@@ -26,7 +26,6 @@ from optuna.trial import TrialState
 from pipeline import cli
 from pipeline.config import parse_study
 from pipeline.storage import open_storage
-from pipeline.study.run import run_study
 from pipeline.study.workers import process_alive, worker_id
 from tests.conftest import TINY, tiny_study, with_changes
 from tests.postgres import find_bindir, postgres_server
@@ -273,13 +272,7 @@ def test_a_grid_study_stops_when_its_points_are_done(workspace):
     cfg = tiny_study(
         trials=5, sampler__kind="grid", search__lr={"choices": [0.05, 0.2]}, search__momentum={"value": 0.0}
     )
-    outcome = run_study(
-        cfg,
-        storage=workspace["storage"],
-        tracking_uri=workspace["tracking_uri"],
-        reports_root=workspace["reports_root"],
-        progress=False,
-    )
+    outcome = workspace.run(cfg)
     assert (outcome.n_complete, outcome.n_failed) == (2, 0)
     trials = assert_exactly(load(workspace["storage"]), 2)
     assert sorted(t.params["lr"] for t in trials) == [0.05, 0.2]
