@@ -269,12 +269,15 @@ def _listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
-def _check(folder: Path, text: str) -> subprocess.CompletedProcess:
+def _check(folder: Path, text: str, command: str = "check", *extra: str) -> subprocess.CompletedProcess:
+    """``pipeline COMMAND study.toml EXTRA...`` in ``folder``; asserts it wrote nothing there."""
     (folder / "study.toml").write_text(text, encoding="utf-8")
     before = _listing(folder)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    for name in ("OPTUNA_STORAGE", "MLFLOW_TRACKING_URI"):
+        env.pop(name, None)
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "check", "study.toml"],
+        [sys.executable, "-m", "pipeline", command, "study.toml", *extra],
         cwd=folder,
         env=env,
         capture_output=True,
@@ -324,6 +327,23 @@ def test_check_refuses_the_reported_values(key, value, tmp_path):
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr == f"error: {_expected('study.toml', key, value, value)}\n"
+
+
+@pytest.mark.parametrize(("key", "value"), EXPLICIT, ids=[f"{k}={v}" for k, v in EXPLICIT])
+def test_study_refuses_the_reported_values_before_writing_anything(key, value, tmp_path):
+    """Where the bug bit: `pipeline study` used to create storage, runs and reports first."""
+    done = _check(tmp_path, dump_toml(_set(RAW["demo"], tuple(key.split(".")), value)), "study")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"error: {_expected('study.toml', key, value, value)}\n"
+
+
+@pytest.mark.parametrize(
+    "command", [["worker"], ["rerun"], ["gradcheck"], ["export", "--out", "out"], ["report"], ["best"]]
+)
+def test_every_study_command_refuses_a_bad_value_before_writing_anything(command, tmp_path):
+    done = _check(tmp_path, dump_toml(_set(RAW["demo"], ("sampler", "seed"), -1)), *command)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"error: {_expected('study.toml', 'sampler.seed', -1, -1)}\n"
 
 
 def test_check_refuses_a_boolean_for_a_number(tmp_path):
