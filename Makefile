@@ -21,7 +21,7 @@ OVERRIDES := $(if $(TRIALS),--trials $(TRIALS)) $(if $(EPOCHS),--epochs $(EPOCHS
 help: ## show this help
 	@grep -hE '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | \
 		awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: STUDY=$(STUDY) TRIALS= EPOCHS= PORT=$(PORT) N=$(N) OUT= REGISTER= YES= DASHBOARD_PORT=$(DASHBOARD_PORT)"
+	@echo "  variables: STUDY=$(STUDY) TRIALS= EPOCHS= PORT=$(PORT) N=$(N) OUT= REGISTER= NOREGISTER= YES= DASHBOARD_PORT=$(DASHBOARD_PORT)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON_BASE) -m venv $(VENV)
@@ -65,8 +65,9 @@ gradcheck: $(VENV)/.installed ## check the hand-written backprop of STUDY's mode
 .PHONY: export
 OUT ?= exported/$(basename $(notdir $(STUDY)))
 REGISTER ?=
-export: $(VENV)/.installed ## write STUDY's selected trial to OUT (config, weights, metrics, card); REGISTER=name registers it
-	$(PY) -m pipeline export $(STUDY) --out $(OUT) $(if $(REGISTER),--register $(REGISTER))
+NOREGISTER ?=
+export: $(VENV)/.installed ## write STUDY's selected trial to OUT (config, weights, metrics, card), registered as <study>-best@best (REGISTER=name: another name; NOREGISTER=1: not registered)
+	$(PY) -m pipeline export $(STUDY) --out $(OUT) $(if $(REGISTER),--register $(REGISTER)) $(if $(NOREGISTER),--no-register)
 
 .PHONY: bench
 bench: $(VENV)/.installed ## time training, thread policies, whole processes, stage times, memory, drift (BENCH=--quick: smoke run)

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
         help="write the selected trial to --out DIR: config.toml (retrains it), model.pt, metrics.json, "
-        "MODEL.md; --register NAME also puts it in the MLflow model registry (alias champion)",
+        "MODEL.md; and register it in the MLflow model registry as <study>-best, alias best",
     )
     _where_args(p)
     p.add_argument(
@@ -86,10 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="folder to write (new, empty, or an earlier export of the same study, which is replaced)",
     )
-    p.add_argument(
+    registry = p.add_mutually_exclusive_group()
+    registry.add_argument(
         "--register",
         metavar="NAME",
-        help="also log the model to the trial's MLflow run, register it as NAME, set alias champion",
+        help="the registered model name (default: <study>-best); each export logs the model to the "
+        "trial's MLflow run, registers a new version and moves the alias best to it",
+    )
+    registry.add_argument(
+        "--no-register",
+        action="store_true",
+        help="leave MLflow unchanged: no logged model, no registry version (MLflow is only read)",
     )
     p = sub.add_parser(
         "studies",
@@ -276,7 +283,9 @@ def cmd_best(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.ops.export import export_main  # lazy: start-up stays light
 
-    return export_main(_load(args), args.storage, args.tracking_uri, args.out, args.register)
+    return export_main(
+        _load(args), args.storage, args.tracking_uri, args.out, args.register, not args.no_register
+    )
 
 
 def cmd_studies(args: argparse.Namespace) -> int:

@@ -7,10 +7,12 @@ numbers, copied) and ``MODEL.md`` (a model card). It is written atomically: the 
 appears at once or not at all. The exported trial is ``ranked_trials(study)[0]``, the one
 selection rule (validation only); nothing here selects again.
 
-``--register NAME`` also logs the network to the trial's MLflow run with ``mlflow.pytorch.log_model``
-(MLflow 3: ``name=``; saved as a ``torch.export`` program, no pickle), registers it as a version
-of NAME and points the alias ``champion`` at it (aliases replace the deprecated stages). Without
-it, MLflow is only read.
+By default the export also logs the network to the trial's MLflow run with
+``mlflow.pytorch.log_model`` (MLflow 3: ``name=``; saved as a ``torch.export`` program, no pickle),
+registers it as a new version of ``<study>-best`` (``--register NAME``: of NAME) and moves the
+alias ``best`` to it (aliases replace the deprecated stages). ``--no-register``: MLflow is only read.
+The tracking store is checked first: one that does not answer, or a SQLite store that does not
+exist, stops the export before anything is written.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ from pipeline.study.trial import load_weights
 from pipeline.train import trial_setup
 
 FILES = ("config.toml", "model.pt", "metrics.json", "MODEL.md")  # what an export folder holds
-ALIAS = "champion"  # the registered model alias set on the exported version
+ALIAS = "best"  # the registered model alias moved to each exported version
+MODEL_SUFFIX = "-best"  # the default registered model name is the study's name + this
 MARKER = re.compile(r'# pipeline export of study "([^"]+)", trial (\d+)')  # config.toml's first line
 NOTHING = "nothing was written"
 PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
@@ -51,7 +54,7 @@ PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 @dataclass(frozen=True)
 class Export:
     """What ``export`` wrote: the folder, the trial, whether it replaced an earlier export of the
-    same study (its trial number), and the registered version (None without ``--register``)."""
+    same study (its trial number), and the registered name and version (None with ``--no-register``)."""
 
     out: Path
     study: str
@@ -100,6 +103,22 @@ def previous_export(out: Path, study: str) -> int | None:
             f"which replacing it would delete; move them out or choose another folder ({NOTHING})"
         )
     return int(found.group(2))
+
+
+def model_name(cfg: StudyConfig, register_as: str | None = None) -> str:
+    """The registered model name: ``register_as``, else ``<study>-best``; MLflow's rule checked."""
+    return check_model_name(register_as if register_as is not None else f"{cfg.name}{MODEL_SUFFIX}")
+
+
+def check_tracking(uri: str) -> None:
+    """The tracking store answers (its weights are read from it): StudyError before anything is
+    written otherwise. A SQLite store that does not exist is not created."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise StudyError(
+            f"MLflow tracking store {redact(uri)} does not exist; the trial's weights are read from it: "
+            f"give the study's --tracking-uri or $MLFLOW_TRACKING_URI ({NOTHING})"
+        )
+    tracking.check_reachable(uri)
 
 
 def check_model_name(name: str) -> str:
@@ -384,8 +403,24 @@ def fluent_tracking(uri: str) -> Iterator[None]:
 def register(
     client, uri: str, run_id: str, model: torch.nn.Module, name: str, cfg: StudyConfig, trial: FrozenTrial
 ) -> str:
-    """Log ``model`` to the trial's run (``name="model"``), register it as ``name``, alias it
-    ``champion``; returns the version. The run keeps the status it had."""
+    """Log ``model`` to the trial's run (``name="model"``), register it as ``name``, move the alias
+    ``best`` to it; returns the version. The run keeps the status it had. A store failing on the way
+    is one line (StudyError); the folder is then not written."""
+    try:
+        return _register(client, uri, run_id, model, name, cfg, trial)
+    except Exception as exc:
+        line = tracking.store_error(exc)
+        if line is None:
+            raise
+        raise StudyError(
+            f"registering {name!r}: {line}; the export folder was not written (MLflow may hold a "
+            f"logged model without the alias): fix the store and export again, or pass --no-register"
+        ) from exc
+
+
+def _register(
+    client, uri: str, run_id: str, model: torch.nn.Module, name: str, cfg: StudyConfig, trial: FrozenTrial
+) -> str:
     status = client.get_run(run_id).info.status
     width = model.linears[0].in_features
     dtype = next(model.parameters()).dtype
@@ -422,18 +457,20 @@ def export(
     storage: str | None = None,
     tracking_uri: str | None = None,
     register_as: str | None = None,
+    register_model: bool = True,
 ) -> Export:
-    """Write the selected trial of ``cfg``'s study to ``out`` (atomically), optionally registering it."""
+    """Write the selected trial of ``cfg``'s study to ``out`` (atomically) and, unless
+    ``register_model`` is false, register it as ``register_as`` (default ``<study>-best``)."""
     study, spec = load(cfg, storage)
     ranked = ranked_trials(study)
     if not ranked:
         raise StudyError(f"{cfg.path}: study {cfg.name!r} has no complete trial yet; nothing to export")
     top = ranked[0]
     replaced = previous_export(out, cfg.name)
-    if register_as is not None:
-        check_model_name(register_as)
+    name = model_name(cfg, register_as) if register_model else None
     run_id = attrs_run(top)
     uri = tracking.tracking_uri(tracking_uri)
+    check_tracking(uri)
     client = tracking.client(uri)
     config_text = retrain_config(cfg, top, run_id)
     state = trial_weights(client, run_id)
@@ -444,19 +481,24 @@ def export(
         files.write_text(tmp / "config.toml", config_text)
         files.atomic_write(tmp / "model.pt", lambda handle: torch.save(state, handle))
         files.write_text(tmp / "metrics.json", metrics_text)
-        if register_as is not None:  # last before the card: a failure leaves no folder behind
-            version = register(client, uri, run_id, model, register_as, cfg, top)
-        registered = (register_as, version) if version is not None else None
+        if name is not None:  # last before the card: a failure leaves no folder behind
+            version = register(client, uri, run_id, model, name, cfg, top)
+        registered = (name, version) if version is not None else None
         card = model_card(cfg, top, study, spec, metrics, model, out, registered)
         files.write_text(tmp / "MODEL.md", card)
-    return Export(out, cfg.name, top.number, run_id, replaced, register_as, version)
+    return Export(out, cfg.name, top.number, run_id, replaced, name, version)
 
 
 def export_main(
-    cfg: StudyConfig, storage: str | None, tracking_uri: str | None, out: Path, register_as: str | None
+    cfg: StudyConfig,
+    storage: str | None,
+    tracking_uri: str | None,
+    out: Path,
+    register_as: str | None,
+    register_model: bool = True,
 ) -> int:
-    """``pipeline export``: the selected trial's folder, and with ``--register`` its registry version."""
-    done = export(cfg, out, storage, tracking_uri, register_as)
+    """``pipeline export``: the selected trial's folder and, unless ``--no-register``, its registry entry."""
+    done = export(cfg, out, storage, tracking_uri, register_as, register_model)
     print(f"exported trial {done.trial} of study {done.study} (best {cfg.objective} on validation) to {out}/")
     if done.replaced is not None:
         print(f"  replaced the earlier export of study {done.study} (trial {done.replaced}) there")
@@ -469,4 +511,6 @@ def export_main(
             f"registered model {done.registered!r} version {done.version} (alias {ALIAS}: "
             f"models:/{done.registered}@{ALIAS}), logged to MLflow run {done.run_id}"
         )
+    else:
+        print("not registered (--no-register): MLflow was only read")
     return 0

@@ -1,13 +1,19 @@
 """``pipeline export`` on a tiny study run once. Oracles: Optuna's storage (the selection, the trial's
 params and recorded test error), the trial's own report folder (metrics.json, test_predictions.json),
-the study-file parser (config.toml), the weights re-tested on the split, a retrain of config.toml,
-MLflow's store and registry (mlflow.pytorch.load_model), and the file system (nothing written)."""
+the study-file parser (config.toml, in-process and through `pipeline check`), the weights
+re-tested on the split, a retrain of config.toml, MLflow's store and registry
+(mlflow.pytorch.load_model), and the file system (nothing written)."""
 
 import copy
 import json
 import math
+import os
 import re
+import shutil
+import subprocess
+import sys
 import tomllib
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -15,6 +21,7 @@ import optuna
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from pipeline import cli
 from pipeline.config import load_study
@@ -26,6 +33,8 @@ from pipeline.storage import open_storage, ranked_trials
 from pipeline.train import trial_setup
 from tests.conftest import Workspace
 from tests.ops.test_rerun import write_tiny_toml
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +59,10 @@ def project(tmp_path_factory):
         ws["top"] = ranked_trials(study)[0]
         ws["cfg"] = load_study("tiny.toml")
         ws["split"] = load_split(ws["cfg"].dataset)
+        pristine = root / "pristine" / "mlflow.db"  # the store before any export: an empty registry
+        pristine.parent.mkdir()
+        shutil.copyfile(root / "mlruns" / "mlflow.db", pristine)  # artifacts stay where they are
+        ws["pristine_uri"] = f"sqlite:///{pristine}"
         yield ws
 
 
@@ -130,9 +143,23 @@ def test_export_writes_the_selected_trial_config_weights_metrics_and_card(projec
     assert scope["predicted"].tolist() == stored["predictions"]
 
 
-def test_the_exported_config_retrains_to_the_trial_itself(project, tmp_path, monkeypatch):
+def test_the_exported_config_passes_check_and_retrains_to_the_trial_itself(project, tmp_path, monkeypatch):
+    """The round trip a user makes: export, `pipeline check` the config (a real process), run it."""
     out = project["root"] / "exported" / "retrain"
-    assert _export(project, out) == 0
+    assert _export(project, out, "--no-register") == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    checked = subprocess.run(
+        [sys.executable, "-m", "pipeline", "check", str(out / "config.toml")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert checked.returncode == 0, checked.stderr
+    exported = load_study(out / "config.toml")
+    assert json.loads(checked.stdout) == json.loads(json.dumps(exported.to_dict(), default=list))
+    assert f"config hash {exported.config_hash()}" in checked.stderr
     monkeypatch.chdir(tmp_path)
     ws = Workspace(
         storage=str(tmp_path / "study.journal"),
@@ -149,33 +176,58 @@ def test_the_exported_config_retrains_to_the_trial_itself(project, tmp_path, mon
     assert retrained.user_attrs["test_error"] == top.user_attrs["test_error"]
 
 
-def test_register_logs_the_model_to_the_trial_run_with_alias_champion(project, capsys):
+def _versions(client, name):
+    return sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+
+
+def test_the_default_export_registers_study_best_with_alias_best(project, capsys):
     client = MlflowClient(project["tracking_uri"])
-    run_id = project["top"].user_attrs["mlflow_run_id"]
+    top = project["top"]
+    run_id = top.user_attrs["mlflow_run_id"]
     status = client.get_run(run_id).info.status
+    latest = max(_versions(client, "tiny-best"), default=0)  # other tests' exports register too
     out = project["root"] / "exported" / "registered"
     capsys.readouterr()
-    assert _export(project, out, "--register", "tiny-mlp") == 0
-    assert "registered model 'tiny-mlp' version 1" in capsys.readouterr().out
-    version = client.get_model_version_by_alias("tiny-mlp", "champion")
-    assert str(version.version) == "1" and version.run_id == run_id
-    assert version.tags["optuna_trial"] == str(project["top"].number)
+    assert _export(project, out) == 0
+    assert f"registered model 'tiny-best' version {latest + 1} (alias best" in capsys.readouterr().out
+    version = client.get_model_version_by_alias("tiny-best", "best")
+    assert int(version.version) == latest + 1 and version.run_id == run_id
+    assert version.tags["optuna_study"] == "tiny" and version.tags["optuna_trial"] == str(top.number)
     assert client.get_run(run_id).info.status == status  # the trial's run is not reopened for good
-    assert "registered model `tiny-mlp` version 1" in (out / "MODEL.md").read_text()
+    card = (out / "MODEL.md").read_text()
+    said = f"registered model `tiny-best` version {latest + 1}, alias `best`: `models:/tiny-best@best`"
+    assert said in card
 
-    state = torch.load(out / "model.pt", weights_only=True)
-    model, split = _network(out / "config.toml", state)
+    # the registered model, loaded back by its alias, re-tested on the study's test split
+    split, metrics = project["split"], _report(project, "metrics.json")
     with fluent_tracking(project["tracking_uri"]):
-        loaded = mlflow.pytorch.load_model("models:/tiny-mlp@champion")
+        loaded = mlflow.pytorch.load_model("models:/tiny-best@best")
     with torch.no_grad():
-        torch.testing.assert_close(loaded(split.x_test), model(split.x_test), rtol=0, atol=0)
+        predicted = loaded(split.x_test).argmax(1)
+    assert int((predicted != split.y_test).sum()) == metrics["test_k"]  # to the last count
+    assert len(predicted) == metrics["test_m"]
+    assert predicted.tolist() == _report(project, "test_predictions.json")["predictions"]
 
-    assert _export(project, out, "--register", "tiny-mlp") == 0  # again: a new version takes the alias
-    assert str(client.get_model_version_by_alias("tiny-mlp", "champion").version) == "2"
+    assert _export(project, out) == 0  # again: a new version, and the alias moves to it
+    assert _versions(client, "tiny-best")[-2:] == [latest + 1, latest + 2]
+    assert int(client.get_model_version_by_alias("tiny-best", "best").version) == latest + 2
 
 
-def test_export_without_register_changes_nothing_in_mlflow(project):
+def test_register_names_another_registered_model(project, capsys):
     client = MlflowClient(project["tracking_uri"])
+    ours = _versions(client, "tiny-best")
+    capsys.readouterr()
+    assert _export(project, project["root"] / "exported" / "other", "--register", "other") == 0
+    assert "registered model 'other' version 1 (alias best: models:/other@best)" in capsys.readouterr().out
+    version = client.get_model_version_by_alias("other", "best")
+    assert int(version.version) == 1 and version.run_id == project["top"].user_attrs["mlflow_run_id"]
+    assert _versions(client, "tiny-best") == ours  # the default name is left alone
+
+
+def test_no_register_changes_nothing_in_mlflow(project, capsys):
+    """On a copy of the store taken before any export: its registry stays empty."""
+    uri = project["pristine_uri"]
+    client = MlflowClient(uri)
     run_id = project["top"].user_attrs["mlflow_run_id"]
     experiment = client.get_experiment_by_name("tiny").experiment_id
 
@@ -188,8 +240,34 @@ def test_export_without_register_changes_nothing_in_mlflow(project):
         )
 
     before = snapshot()
-    assert _export(project, project["root"] / "exported" / "quiet") == 0
+    assert before[1] == [] and before[2] == []
+    out = project["root"] / "exported" / "quiet"
+    capsys.readouterr()
+    assert _export(project, out, "--no-register", "--tracking-uri", uri) == 0
+    assert "not registered (--no-register)" in capsys.readouterr().out
     assert snapshot() == before
+    assert "registered model" not in (out / "MODEL.md").read_text()
+
+
+def test_a_store_failing_while_registering_is_one_line_and_no_folder(project, capsys, monkeypatch):
+    client = MlflowClient(project["tracking_uri"])
+    versions = _versions(client, "tiny-best")
+    run_id = project["top"].user_attrs["mlflow_run_id"]
+    status = client.get_run(run_id).info.status
+
+    def gone(*args, **kwargs):
+        raise MlflowException("database is locked")
+
+    monkeypatch.setattr(mlflow.pytorch, "log_model", gone)
+    out = project["root"] / "refused" / "registering" / "out"
+    capsys.readouterr()
+    assert _export(project, out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: registering 'tiny-best': ") and "database is locked" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []  # no folder, no temporaries
+    assert _versions(client, "tiny-best") == versions
+    assert client.get_run(run_id).info.status == status  # end_run restored it
 
 
 def test_an_earlier_export_of_the_same_study_is_replaced_and_said_so(project, capsys):
@@ -241,8 +319,18 @@ def _extra_file(folder):
         ([], _other_study, "holds the export of study 'other' (trial 4), not of 'tiny'"),
         ([], _extra_file, "also holds notes.txt"),
         (["--register", "a/b"], None, "--register 'a/b'"),
+        (["--tracking-uri", "sqlite:///nowhere/mlflow.db"], None, "nowhere/mlflow.db does not exist"),
+        (["--tracking-uri", "http://127.0.0.1:9"], None, "http://127.0.0.1:9 does not answer"),
     ],
-    ids=["unknown-study", "foreign-folder", "other-study", "extra-file", "bad-model-name"],
+    ids=[
+        "unknown-study",
+        "foreign-folder",
+        "other-study",
+        "extra-file",
+        "bad-model-name",
+        "missing-store",
+        "unreachable-server",
+    ],
 )
 def test_bad_input_exits_2_with_one_message_and_writes_nothing(project, capsys, request, argv, prepare, says):
     out = project["root"] / "refused" / request.node.callspec.id / "out"
@@ -258,6 +346,7 @@ def test_bad_input_exits_2_with_one_message_and_writes_nothing(project, capsys, 
     assert after == before
     assert not out.parent.exists() or [p.name for p in out.parent.iterdir()] == ["out"]  # no temporaries
     assert [r.name for r in MlflowClient(project["tracking_uri"]).search_registered_models()] == models
+    assert not (project["root"] / "nowhere").exists()  # a missing SQLite store is not created
 
 
 def test_the_card_gives_the_seed_spread_when_a_trial_trained_replicates(project):
