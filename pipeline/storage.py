@@ -294,8 +294,7 @@ def check_writable(folder: Path, what: str, how: str) -> None:
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as exc:
-        if exc.filename is None:
-            exc.filename = str(folder)
+        exc.filename = str(probe_dir)  # the folder that refused, not the probe's throwaway name
         raise StudyError(write_error(exc, f"{what} ({how})", "then start again: no trial was run")) from None
 
 

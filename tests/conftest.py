@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny synthetic study whose stores and reports live in a temporary folder."""
 
 import logging
+import socket
 import subprocess
 import uuid
 import warnings
@@ -94,3 +95,39 @@ def make_tmpfs(tmp_path):
     yield make
     for mount in mounts:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def dead_port() -> int:
+    """A local TCP port nothing listens on (bound by the OS, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listing(root) -> list[str]:
+    """Every path under ``root``, relative and sorted: what a command wrote shows as a difference."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.fixture
+def read_only_mount():
+    """``read_only_mount(path)``: an empty tmpfs mounted read-only at ``path`` (created), unmounted after.
+
+    Root ignores file modes (CI runs as root), but not a read-only mount. Mounting needs root;
+    elsewhere the test is skipped, with the reason.
+    """
+    mounts = []
+
+    def make(path):
+        path.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True
+        )
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a read-only tmpfs here: {proc.stderr.decode().strip()}")
+        mounts.append(path)
+        return path
+
+    yield make
+    for path in reversed(mounts):
+        subprocess.run(["umount", "-l", str(path)], check=False)

@@ -76,7 +76,7 @@ from pipeline.report.reruns import (
 from pipeline.report.study_page import regenerate
 from pipeline.seeds import derive_seed
 from pipeline.signals import signal_in, stop_on_signals
-from pipeline.storage import open_storage, ranked_trials, redact, storage_spec
+from pipeline.storage import open_storage, preflight, ranked_trials, redact, storage_spec
 from pipeline.study.run import run_study
 
 EXIT_OK = 0  # ran: reproduced, consistent, a baseline frozen, or the selection changed (new baseline)
@@ -159,6 +159,11 @@ def run_rerun(
     ``rebaseline``: freeze a new baseline from this rerun instead of testing against the old one.
     """
     folder = reports_root / cfg.name
+    # the study's own checks, before the lock, the log or the journal exist: a store that does not
+    # answer or a folder that refuses writes is one line and exit 2, with nothing written
+    uri = tracking.tracking_uri(tracking_uri)
+    preflight(cfg.name, storage_spec(cfg, storage), uri, reports_root)
+    tracking.check_reachable(uri)
     with study_lock(folder), _file_log(folder / LOG_FILE):
         return _rerun(cfg, folder, storage, tracking_uri, reports_root, trials, progress, now, rebaseline)
 
@@ -323,6 +328,8 @@ def _freeze_reason(history, base, params, rebaseline: bool) -> str:
 
 
 def _n_trials(spec: str, name: str) -> int:
+    if "://" not in spec and not Path(spec).exists():  # no journal yet: run_study creates it after its checks
+        return 0
     try:
         return len(optuna.load_study(study_name=name, storage=open_storage(spec)).trials)
     except KeyError:
@@ -436,7 +443,9 @@ def rerun_main(
     """``pipeline rerun``: run once, print one summary line, return an ``EXIT_*`` code.
 
     Config, data and study errors propagate (the command line prints them, exit 2); they and
-    every other failure are written to ``rerun.log`` first, so a cron user finds them there.
+    every other failure are written to ``rerun.log`` first, so a cron user finds them there, except
+    what the checks before the lock find (a tracking store that does not answer, an unwritable
+    output folder): those write nothing, ``rerun.log`` included, and show on stderr (cron.log).
     """
     folder = reports_root / cfg.name
     with stop_on_signals():

@@ -5,7 +5,6 @@ storage, on real parts (a dead port, a real tmpfs that fills, a real SQLite stor
 
 import contextlib
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from optuna.trial import TrialState
 
 from pipeline import cli, journal, tracking
 from pipeline.storage import open_storage
+from tests.conftest import dead_port, listing
 from tests.ops.test_rerun import write_tiny_toml
 
 
@@ -28,28 +28,18 @@ def project(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _listing(root):
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-
-
 @pytest.mark.parametrize("scheme", ["http", "postgresql+psycopg"])
 def test_an_unreachable_tracking_store_is_one_line_and_nothing_is_written(project, capsys, scheme):
-    port = _dead_port()
+    port = dead_port()
     uri = f"http://127.0.0.1:{port}" if scheme == "http" else f"{scheme}://u:sekret@127.0.0.1:{port}/db"
-    before = _listing(project)
+    before = listing(project)
     started = time.monotonic()
     assert cli.main(["study", "tiny.toml", "--tracking-uri", uri]) == 2
     assert time.monotonic() - started < 30  # not MLflow's minutes of retries
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nothing was run" in err and "Traceback" not in err
     assert "sekret" not in err and f"127.0.0.1:{port}" in err
-    assert _listing(project) == before  # no storage/, mlruns/ or reports/
+    assert listing(project) == before  # no storage/, mlruns/ or reports/
 
 
 def test_a_data_error_leaves_no_empty_folders(project, capsys):
@@ -58,10 +48,10 @@ def test_a_data_error_leaves_no_empty_folders(project, capsys):
         trials=1,
         dataset={"source": "cifar2", "root": "no-data-here", "download": False},
     )
-    before = _listing(project)
+    before = listing(project)
     assert cli.main(["study", "tiny.toml"]) == 2
     assert "cifar-10" in capsys.readouterr().err.lower()
-    assert _listing(project) == before
+    assert listing(project) == before
 
 
 def test_storage_given_as_a_folder_is_one_line(project, capsys):
@@ -69,6 +59,38 @@ def test_storage_given_as_a_folder_is_one_line(project, capsys):
     assert cli.main(["study", "tiny.toml", "--storage", "a-folder"]) == 2
     err = capsys.readouterr().err
     assert "is a folder; give a journal file" in err and "Traceback" not in err
+
+
+def test_a_dataset_root_that_is_a_file_is_one_line_and_nothing_is_written(project, capsys):
+    write_tiny_toml(
+        project / "tiny.toml",
+        trials=1,
+        dataset={"source": "fashion2", "classes": ["Pullover", "Bag"], "root": "data", "download": False},
+    )
+    (project / "data").write_text("not a folder\n")
+    before = listing(project)
+    assert cli.main(["study", "tiny.toml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "dataset.root = 'data' is a file, not a folder" in err
+    assert listing(project) == before
+
+
+@pytest.mark.parametrize(
+    ("folder", "what"),
+    [("reports/tiny", "reports folder"), ("mlruns/artifacts/tiny", "MLflow artifact folder")],
+)
+def test_a_read_only_output_folder_is_found_before_any_trial(project, capsys, read_only_mount, folder, what):
+    """A real read-only mount (root, who runs CI, ignores file modes): the preflight names the
+    folder, exit 2, and no trial runs (no journal, no MLflow store)."""
+    read_only_mount(project / folder)
+    before = listing(project)
+    assert cli.main(["study", "tiny.toml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {what}") and f"{folder}: Read-only file system" in err
+    assert "write-probe" not in err and "no trial was run" in err
+    assert listing(project) == before  # no storage/tiny.journal, no mlruns/mlflow.db
 
 
 @pytest.fixture
