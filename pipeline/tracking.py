@@ -104,10 +104,17 @@ REACH_TIMEOUT = 5  # seconds for the pre-study check that the tracking store ans
 def check_reachable(uri: str) -> None:
     """A cheap call with a short timeout to a tracking server or database, before anything is written.
 
-    SQLite and file stores are local (their folders are checked for writing instead).
+    A SQLite store is local (its folder is checked for writing instead). A plain path or ``file:``
+    URI names MLflow's file store, which MLflow 3 refuses to open: said before anything is written.
     """
     shown = redact(uri)
     fix = "start it or fix --tracking-uri / $MLFLOW_TRACKING_URI; nothing was run"
+    if "://" not in uri or uri.startswith("file:"):
+        raise TrackingUnreachable(
+            f"MLflow tracking URI {shown} names a file store, which MLflow 3 no longer opens; "
+            "give a database such as sqlite:///mlruns/mlflow.db (the default) or a server's "
+            "http:// URL via --tracking-uri / $MLFLOW_TRACKING_URI; nothing was run"
+        )
     if uri.startswith(("http://", "https://")):
         try:
             health = f"{uri.rstrip('/')}/health"  # http(s) only: checked above

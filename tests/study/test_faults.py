@@ -42,6 +42,17 @@ def test_an_unreachable_tracking_store_is_one_line_and_nothing_is_written(projec
     assert listing(project) == before  # no storage/, mlruns/ or reports/
 
 
+@pytest.mark.parametrize("uri", ["mlruns", "file:///tmp/mlruns", "/dev/null/mlruns"])
+def test_a_file_store_tracking_uri_is_one_line_and_nothing_is_written(project, capsys, uri):
+    """MLflow 3 refuses its file store: said before anything exists, not as a traceback after."""
+    before = listing(project)
+    assert cli.main(["study", "tiny.toml", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"MLflow tracking URI {uri} names a file store" in err and "sqlite:///" in err
+    assert listing(project) == before
+
+
 def test_a_data_error_leaves_no_empty_folders(project, capsys):
     write_tiny_toml(
         project / "tiny.toml",
