@@ -191,22 +191,15 @@ def pruning_saving(trials: int, epochs: int, fashion: bool, workdir: Path) -> di
 
     out: dict[str, Any] = {"trials": trials, "epochs": epochs}
     for kind in ("none", "median"):
-        raw = _study_raw(f"bench-pruner-{kind}", fashion, trials, epochs)
-        raw["sampler"] = {"kind": "tpe", "seed": 0}
-        raw["pruner"] = {"kind": kind, "warmup_epochs": max(1, epochs // 6)}
-        cfg = parse_study(raw, "<bench>")
-        storage = str(workdir / "storage" / f"{cfg.name}.journal")
-        (workdir / "mlruns").mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        run_study(
-            cfg,
-            storage=storage,
-            tracking_uri=f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}",
-            reports_root=workdir / "reports",
-            progress=False,
+        wall, study = timed_study(
+            f"bench-pruner-{kind}",
+            fashion,
+            trials,
+            epochs,
+            workdir,
+            sampler={"kind": "tpe", "seed": 0},
+            pruner={"kind": kind, "warmup_epochs": max(1, epochs // 6)},
         )
-        wall = time.perf_counter() - start
-        study = optuna.load_study(study_name=cfg.name, storage=open_storage(storage))
         done = study.trials
         ran = sum(int(t.user_attrs.get("epochs_run", 0)) for t in done)
         complete = [t for t in done if t.state == TrialState.COMPLETE]
@@ -218,6 +211,31 @@ def pruning_saving(trials: int, epochs: int, fashion: bool, workdir: Path) -> di
             "best_val_acc": max((t.value for t in complete), default=math.nan),
         }
     return out
+
+
+def timed_study(
+    name: str, fashion: bool, trials: int, epochs: int, workdir: Path, **sections: dict[str, Any]
+) -> tuple[float, optuna.Study]:
+    """The bench study (Fashion-2's or the gmm's, TPE) run to ``trials`` in ``workdir``: its Optuna
+    journal under storage/, MLflow on SQLite under mlruns/, reports under reports/, no progress bars.
+    ``sections`` update the study's tables (``training={"device": "cuda"}``). Returns ``run_study``'s
+    wall seconds and the study (read it before ``workdir`` goes)."""
+    raw = _study_raw(name, fashion, trials, epochs)
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    cfg = parse_study(raw, "<bench>")
+    storage = str(workdir / "storage" / f"{cfg.name}.journal")
+    (workdir / "mlruns").mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    run_study(
+        cfg,
+        storage=storage,
+        tracking_uri=f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}",
+        reports_root=workdir / "reports",
+        progress=False,
+    )
+    wall = time.perf_counter() - start
+    return wall, optuna.load_study(study_name=cfg.name, storage=open_storage(storage))
 
 
 def _study_raw(name: str, fashion: bool, trials: int, epochs: int) -> dict[str, Any]:
