@@ -77,11 +77,19 @@ def best_main(cfg: StudyConfig, storage: str | None, tracking_uri: str | None) -
     print(f"selected trial {top.number} of study {cfg.name} (best {cfg.objective} on validation)")
     for key, value in top.params.items():
         print(f"  {key} = {value!r}")
-    print(f"  {cfg.objective} = {top.value:.4f}")
+    seeds = attrs.get("test_error_seeds") or []
+    spread = f" (mean of {len(seeds)} seeds, sd {attrs.get(f'{cfg.objective}_std', 0.0):.4f})"
+    print(f"  {cfg.objective} = {top.value:.4f}{spread if len(seeds) > 1 else ''}")
     if "test_error" in attrs:
         low, high = attrs.get("test_error_clopper_pearson_low"), attrs.get("test_error_clopper_pearson_high")
         interval = f", {confidence:.0%} Clopper–Pearson [{low:.4f}, {high:.4f}]" if low is not None else ""
-        print(f"  test_error = {attrs['test_error']:.4f}{interval}")
+        if len(seeds) > 1:  # the interval is one network's (replicate 0): never pinned on the mean
+            print(
+                f"  test_error = {attrs['test_error']:.4f} (mean of {len(seeds)} seeds, sd "
+                f"{attrs.get('test_error_std', 0.0):.4f}); replicate 0's network: {seeds[0]:.4f}{interval}"
+            )
+        else:
+            print(f"  test_error = {attrs['test_error']:.4f}{interval}")
     print(f"  report: {attrs.get('report', '— (none recorded)')}")
     mlflow = tracking.client(tracking_uri)
     print(f"  weights: {_weights(mlflow, attrs.get('mlflow_run_id'))}  (pipeline.study.trial.load_weights)")

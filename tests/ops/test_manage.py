@@ -44,6 +44,32 @@ def test_best_names_the_validation_winner_and_weights_that_retest_to_its_error(p
     assert test.error == winner.user_attrs["test_error"]  # the same errors, to the last count
 
 
+def test_best_with_seed_replicates_gives_the_mean_and_pins_the_interval_on_one_network(
+    workspace, monkeypatch, capsys
+):
+    """With K seeds test_error is the mean; the exact interval belongs to replicate 0's network."""
+    monkeypatch.chdir(workspace["root"])
+    (workspace["root"] / "mlruns").mkdir(exist_ok=True)
+    training = {"epochs": 3, "batch_size": 32, "seed": 0, "seeds": 2}
+    write_tiny_toml(workspace["root"] / "tiny.toml", trials=1, training=training)
+    args = ["--storage", workspace["storage"], "--tracking-uri", workspace["tracking_uri"]]
+    assert cli.main(["study", "tiny.toml", *args]) == 0
+    capsys.readouterr()
+    assert cli.main(["best", "tiny.toml", *args]) == 0
+    out = capsys.readouterr().out
+    (trial,) = optuna.load_study(study_name="tiny", storage=open_storage(workspace["storage"])).trials
+    a = trial.user_attrs
+    assert f"val_acc = {trial.value:.4f} (mean of 2 seeds, sd {a['val_acc_std']:.4f})" in out
+    assert (
+        f"test_error = {a['test_error']:.4f} (mean of 2 seeds, sd {a['test_error_std']:.4f}); "
+        f"replicate 0's network: {a['test_error_seeds'][0]:.4f}, 90% Clopper–Pearson "
+        f"[{a['test_error_clopper_pearson_low']:.4f}, {a['test_error_clopper_pearson_high']:.4f}]"
+    ) in out
+    # the interval is replicate 0's: it holds that network's error, whatever the mean is
+    low, high = a["test_error_clopper_pearson_low"], a["test_error_clopper_pearson_high"]
+    assert low <= a["test_error_seeds"][0] <= high
+
+
 def _studies(capsys, *args):
     """``pipeline studies ARGS``: its exit code, its rows split into columns, its stderr."""
     capsys.readouterr()
