@@ -9,6 +9,7 @@ of a small trial's time.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import platform
 import subprocess
@@ -35,6 +36,10 @@ import pipeline
 from pipeline import device as devices
 from pipeline.errors import UsageError
 from pipeline.urls import redact
+
+# a new store's "Creating initial MLflow database tables" lines say nothing a user acts on
+for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 DEFAULT_TRACKING_DIR = Path("mlruns")
 STUDY_ROLE = "study"
