@@ -9,7 +9,8 @@ paired test predictions; and anyone reading test errors across all N trials gets
 seeds cannot tell from the selected one (the tied set) and compares it with the runner-up across
 seeds, the McNemar test then a detail about one network of each. Nothing is retrained: each
 trial's ``metrics.json`` and ``test_predictions.json`` are read from its report folder or, failing
-that, its MLflow run.
+that, its MLflow run. On a ground truth the selected network also meets ``[bounds] fresh_sets``
+fresh test sets (``report.fresh_sets``).
 
 The page carries no wall-clock time, so regenerating it from the same storage gives the same bytes.
 """
@@ -34,6 +35,7 @@ from pipeline.compare import PairedComparison, SeedComparison
 from pipeline.config import StudyConfig
 from pipeline.evaluate import Evaluation, summarize
 from pipeline.report.figures import Plot, optuna_figures, plot_confusion, plot_forest
+from pipeline.report.fresh_sets import FreshSection, selected_section
 from pipeline.report.html import Figure, classification_rows, figure, number, render
 from pipeline.report.reruns import RerunSection, rerun_looks, rerun_section
 from pipeline.report.study_summary import (
@@ -101,7 +103,9 @@ def write_study_page(
             )
         files.write_json(tmp / "study_summary.json", summary.to_dict())
         reruns = rerun_section(page_dir)
+        fresh = selected_section(cfg, ranked[0] if ranked else None, selected, page_dir, mlflow, tmp)
         content = _page(cfg, study, summary, frame, outputs, figures, forest, confusion, sources, reruns)
+        content = dataclasses.replace(content, fresh_sets=fresh)
         text = render("study.html.j2", page=content)
         # in MLflow's artifact viewer a trial's report is not beside the page but in the trial's run
         copy = render("study.html.j2", page=dataclasses.replace(content, in_mlflow=True))
@@ -219,6 +223,7 @@ class StudyPage:
     folder: str = FOLDER
     stage_times: StageTimes | None = None  # None: no complete trial recorded its stage times
     in_mlflow: bool = False  # the copy logged to the parent run: trials named by run id, not linked
+    fresh_sets: FreshSection | None = None  # None: no ground truth, or no ground-truth numbers
 
 
 # a trial's stages, in order: each trial logs time_<stage>_s (pipeline.study.trial measures them)
