@@ -148,6 +148,27 @@ def check_reachable(uri: str) -> None:
             ) from None
 
 
+PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+def download_artifact(
+    mlflow: MlflowClient, run_id: str, name: str, into: str | os.PathLike[str]
+) -> Path | None:
+    """The run's artifact ``name`` downloaded into ``into`` (no progress bar), or None if the run
+    or the artifact is gone."""
+    before = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = "false"  # small files: no bar on the terminal or in a log
+    try:
+        return Path(mlflow.download_artifacts(run_id, name, str(into)))
+    except Exception:  # MLflow raises its own or an OSError for a missing artifact or run
+        return None
+    finally:
+        if before is None:
+            os.environ.pop(PROGRESS_ENV, None)
+        else:
+            os.environ[PROGRESS_ENV] = before
+
+
 def artifact_location(uri: str, name: str) -> str | None:
     """For a SQLite store, artifacts go beside the database (MLflow's default is ./mlruns of the cwd)."""
     if uri.startswith("sqlite:///"):

@@ -20,8 +20,8 @@ from pipeline import tracking
 from pipeline.cli import main
 from pipeline.config import ConfigError
 from pipeline.data import load_split
+from pipeline.model import load_weights
 from pipeline.storage import open_storage
-from pipeline.study.trial import load_weights
 from tests.conftest import Workspace, tiny_study
 
 ROOT = Path(__file__).resolve().parents[1]

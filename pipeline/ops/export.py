@@ -37,10 +37,9 @@ from optuna.trial import FrozenTrial
 
 from pipeline import files, tracking
 from pipeline.config import StudyConfig
-from pipeline.model import build_mlp
+from pipeline.model import load_weights, network_from_state
 from pipeline.ops.manage import load
 from pipeline.storage import StudyError, ranked_trials, redact, trial_counts
-from pipeline.study.trial import load_weights
 from pipeline.train import trial_setup
 
 FILES = ("config.toml", "model.pt", "metrics.json", "MODEL.md")  # what an export folder holds
@@ -48,7 +47,6 @@ ALIAS = "best"  # the registered model alias moved to each exported version
 MODEL_SUFFIX = "-best"  # the default registered model name is the study's name + this
 MARKER = re.compile(r'# pipeline export of study "([^"]+)", trial (\d+)')  # config.toml's first line
 NOTHING = "nothing was written"
-PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 @dataclass(frozen=True)
@@ -179,25 +177,10 @@ def retrain_config(cfg: StudyConfig, trial: FrozenTrial, run_id: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _download(client, run_id: str, name: str, into: str) -> Path | None:
-    """The run's artifact ``name`` downloaded into ``into``, or None if the run has none."""
-    before = os.environ.get(PROGRESS_ENV)
-    os.environ[PROGRESS_ENV] = "false"  # one small file: no progress bar on the terminal
-    try:
-        return Path(client.download_artifacts(run_id, name, into))
-    except Exception:  # MLflow raises its own or an OSError for a missing artifact or run
-        return None
-    finally:
-        if before is None:
-            os.environ.pop(PROGRESS_ENV, None)
-        else:
-            os.environ[PROGRESS_ENV] = before
-
-
 def trial_weights(client, run_id: str) -> dict[str, torch.Tensor]:
     """The trial's ``model.pt`` from its MLflow run, as CPU tensors (pickles other than tensors refused)."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = _download(client, run_id, "model.pt", tmp)
+        path = tracking.download_artifact(client, run_id, "model.pt", tmp)
         if path is None:
             raise StudyError(
                 f"MLflow run {run_id} has no model.pt artifact (run or artifacts deleted?); "
@@ -219,7 +202,7 @@ def trial_metrics(client, trial: FrozenTrial, run_id: str) -> tuple[str, dict[st
             if found.get("trial") == trial.number and found.get("provenance", {}).get("run_id") == run_id:
                 return text, found
     with tempfile.TemporaryDirectory() as tmp:
-        path = _download(client, run_id, "metrics.json", tmp)
+        path = tracking.download_artifact(client, run_id, "metrics.json", tmp)
         if path is None:
             raise StudyError(
                 f"trial {trial.number}: no metrics.json in its report folder ({report or 'none recorded'}) "
@@ -233,14 +216,9 @@ def trial_metrics(client, trial: FrozenTrial, run_id: str) -> tuple[str, dict[st
 
 
 def network(cfg: StudyConfig, params: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The trial's MLP (shape from its params, input width from the weights) holding ``state``."""
+    """The trial's MLP (shape from its params, widths from the weights) holding ``state``."""
     shape, _ = trial_setup(cfg.model, params)
-    first, last = state["linears.0.weight"], state[f"linears.{len(shape.hidden)}.weight"]
-    model = build_mlp(
-        first.shape[1], shape.hidden, shape.activation, cfg.training.seed, last.shape[0], first.dtype
-    )
-    model.load_state_dict(state)
-    return model.eval()
+    return network_from_state(shape.hidden, shape.activation, state)
 
 
 def _interval(metrics: dict[str, Any], method: str) -> tuple[float, float] | None:

@@ -92,7 +92,7 @@ def best_main(cfg: StudyConfig, storage: str | None, tracking_uri: str | None) -
             print(f"  test_error = {attrs['test_error']:.4f}{interval}")
     print(f"  report: {attrs.get('report', '— (none recorded)')}")
     mlflow = tracking.client(tracking_uri)
-    print(f"  weights: {_weights(mlflow, attrs.get('mlflow_run_id'))}  (pipeline.study.trial.load_weights)")
+    print(f"  weights: {_weights(mlflow, attrs.get('mlflow_run_id'))}  (pipeline.model.load_weights)")
     print(f"  MLflow run: {attrs.get('mlflow_run_id', '—')}")
     return 0
 

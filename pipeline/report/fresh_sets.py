@@ -13,7 +13,6 @@ its bytes when rebuilt.
 from __future__ import annotations
 
 import math
-import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +22,11 @@ import torch
 from numpy.typing import NDArray
 from optuna.trial import FrozenTrial
 
-from pipeline import bounds
+from pipeline import bounds, tracking
 from pipeline.config import StudyConfig
 from pipeline.data import GaussianMixture, load_split
 from pipeline.evaluate import predict_logits
-from pipeline.model import build_mlp
+from pipeline.model import WeightsError, load_weights, network_from_state
 from pipeline.report.figures import plot_true_distribution
 from pipeline.report.html import Figure, figure
 from pipeline.report.study_summary import TrialOutputs
@@ -235,28 +234,20 @@ def _weights(trial: FrozenTrial, page_dir: Path, mlflow) -> tuple[dict[str, torc
     run_id = trial.user_attrs.get("mlflow_run_id")
     with tempfile.TemporaryDirectory() as tmp:
         if found is None and mlflow is not None and run_id:
-            try:
-                found = Path(mlflow.download_artifacts(run_id, "model.pt", tmp))
-            except Exception:  # a run that lost its artifacts, or one deleted from MLflow
-                found = None
+            found = tracking.download_artifact(mlflow, run_id, "model.pt", tmp)
         if found is None:
             return None, (
                 f"trial {trial.number}'s model.pt was found neither in its report folder nor in its "
                 "MLflow run: no fresh test sets"
             )
         try:  # weights_only: a file holding anything but tensors is refused, not unpickled
-            state = torch.load(found, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, OSError) as exc:
+            state = load_weights(found)
+        except (WeightsError, RuntimeError, OSError) as exc:
             return None, f"trial {trial.number}'s model.pt could not be read ({exc}): no fresh test sets"
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        return None, f"trial {trial.number}'s model.pt is not a state dict of tensors: no fresh test sets"
     return state, ""
 
 
 def _network(cfg: StudyConfig, trial: FrozenTrial, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The trial's MLP (shape from its params, input width and dtype from the weights) holding ``state``."""
+    """The trial's MLP (shape from its params, widths and dtype from the weights) holding ``state``."""
     shape, _ = trial_setup(cfg.model, trial.params)
-    first, last = state["linears.0.weight"], state[f"linears.{len(shape.hidden)}.weight"]
-    model = build_mlp(first.shape[1], shape.hidden, shape.activation, 0, last.shape[0], first.dtype)
-    model.load_state_dict(state)
-    return model.eval()
+    return network_from_state(shape.hidden, shape.activation, state)

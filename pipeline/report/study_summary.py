@@ -25,6 +25,7 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
+from pipeline import tracking
 from pipeline.compare import (
     PairedComparison,
     SeedComparison,
@@ -176,12 +177,10 @@ def load_outputs(
     if mlflow is None or not run_id:
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("metrics.json", "test_predictions.json"):
-            try:
-                mlflow.download_artifacts(run_id, name, tmp)
-            except Exception:  # an older run without predictions, or a run that lost its artifacts
-                if name == "metrics.json":
-                    return None
+        # an older run has no predictions; a run that lost its artifacts has no metrics.json either
+        if tracking.download_artifact(mlflow, run_id, "metrics.json", tmp) is None:
+            return None
+        tracking.download_artifact(mlflow, run_id, "test_predictions.json", tmp)
         return _read_outputs(trial.number, Path(tmp), classes)
 
 

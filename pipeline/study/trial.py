@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import pickle
 import shutil
 import tempfile
 import time
@@ -40,7 +39,6 @@ from pipeline.model import build_mlp
 from pipeline.report.study_page import STAGES  # time_<stage>_s: the page reads what is logged here
 from pipeline.report.trial import Replicates, TrialArtifacts, bounds_and_report
 from pipeline.stacked import train_sets
-from pipeline.storage import StudyError
 from pipeline.study.progress import epoch_bar
 from pipeline.train import DTYPES, EpochRecord, Hyper, TrainResult, replicate_seeds, train, trial_setup
 
@@ -393,20 +391,3 @@ def _log_weights(ctx: TrialContext, run_id: str, model: torch.nn.Module) -> None
         path = Path(tmp) / "model.pt"
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
         ctx.mlflow.log_artifact(run_id, str(path))
-
-
-def load_weights(path: str | Path, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """A trial's ``model.pt`` as a state dict (into ``model`` too, if given), tensors only.
-
-    ``weights_only=True``: a file that holds anything but tensors and plain containers is refused
-    instead of unpickled, so a tampered artifact cannot run code.
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise StudyError(f"{path}: refused, not a plain state dict of tensors ({exc})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise StudyError(f"{path}: not a state dict of tensors (got {type(state).__name__})")
-    if model is not None:
-        model.load_state_dict(state)
-    return state

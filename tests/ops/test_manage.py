@@ -9,9 +9,8 @@ from pipeline import cli
 from pipeline.config import load_study
 from pipeline.data import load_split
 from pipeline.evaluate import evaluate
-from pipeline.model import build_mlp
+from pipeline.model import build_mlp, load_weights
 from pipeline.storage import open_storage
-from pipeline.study.trial import load_weights
 from tests.ops.test_rerun import write_tiny_toml
 
 

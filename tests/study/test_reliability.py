@@ -25,10 +25,9 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from pipeline import cli
-from pipeline.model import build_mlp
+from pipeline.model import WeightsError, build_mlp, load_weights
 from pipeline.storage import StudyError, open_storage, redact
 from pipeline.study.run import open_study, run_study
-from pipeline.study.trial import load_weights
 from tests.conftest import tiny_study
 from tests.study.test_workers import (
     FASHION,
@@ -345,7 +344,7 @@ def test_load_weights_reads_a_state_dict_and_refuses_a_pickle_that_runs_code(tmp
             return (Path.touch, (marker,))
 
     torch.save({"weight": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(StudyError, match="refused"):
+    with pytest.raises(WeightsError, match="refused"):
         load_weights(tmp_path / "evil.pt")
     assert not marker.exists()
 
