@@ -55,11 +55,15 @@ def test_make_dashboard_puts_no_storage_url_on_a_command_line():
     assert not any("pipeline storage" in line or "bin/optuna-dashboard" in line for line in recipe)
     url = f"postgresql+psycopg://user:{SECRET}@db.example/optuna"
     expanded = subprocess.run(
-        ["make", "-n", "dashboard", "STUDY=studies/demo.toml", "DASHBOARD_PORT=8123"],
+        ["make", "-n", "--no-print-directory", "dashboard", "STUDY=studies/demo.toml", "DASHBOARD_PORT=8123"],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env={**os.environ, "OPTUNA_STORAGE": url},
+        # as from a shell, not from inside `make test` (whose MAKEFLAGS/MAKELEVEL a child make inherits)
+        env={
+            **{k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")},
+            "OPTUNA_STORAGE": url,
+        },
         check=True,
     ).stdout
     assert expanded.splitlines()[-1] == ".venv/bin/python -m pipeline dashboard studies/demo.toml --port 8123"
