@@ -182,7 +182,7 @@ class PrunerConfig:
 @dataclass(frozen=True)
 class BoundsConfig:
     confidence: float = 0.9  # confidence level of every interval on the test error
-    fresh_sets: int = 10_000  # gmm only: at most this many simulated test sets (checks the exact coverage)
+    fresh_sets: int = 10_000  # gmm only: fresh test sets drawn for the selected trial on the study page
 
 
 @dataclass(frozen=True)
