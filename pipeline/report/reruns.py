@@ -150,6 +150,13 @@ class RerunSection:
     rows: tuple[tuple[Any, ...], ...] = ()  # newest first
 
 
+def _short_date(iso: str) -> str:
+    """``2026-12-06T10:30:38+00:00`` as ``2026-12-06 10:30 UTC`` (a table cell that can wrap)."""
+    if len(iso) >= 16 and iso[10] == "T" and iso.endswith("+00:00"):
+        return f"{iso[:10]} {iso[11:16]} UTC"
+    return iso
+
+
 def _row(index: int, r: Mapping[str, Any]) -> tuple[Any, ...]:
     if "verdict" in r:  # a record with a baseline
         verdict = r["verdict"] + (f": {'; '.join(r['reasons'])}" if r.get("reasons") else "")
@@ -165,7 +172,7 @@ def _row(index: int, r: Mapping[str, Any]) -> tuple[Any, ...]:
         changed = "; ".join(d.get("changes", ()))
     return (
         index,
-        r["date"],
+        _short_date(r["date"]),
         r["selected_trial"],
         params_text(r["selected_params"]),
         r["test_error_mean"],

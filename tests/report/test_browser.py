@@ -89,11 +89,17 @@ def test_chromium_renders_the_study_page_and_a_trial_report_with_every_image(pag
         assert inked / (image.width * image.height) > 0.02, f"{page} rendered (almost) blank"
 
 
-# After the load event, how far right the last trial's report link ends, against the viewport.
+# After the load event: how far right the last trial's report link ends, against the viewport and
+# against the right edge of the Trials table's scroll box; whether that box or the page must scroll.
 WIDTH_PROBE = (
     "<script>window.addEventListener('load', () => { const links = [...document.querySelectorAll("
     "'table.dataframe a')]; const r = links[links.length - 1].getBoundingClientRect(); "
+    "const box = document.querySelector('table.dataframe').parentElement; "
+    "const page = document.documentElement; "
     "document.body.setAttribute('data-link-right', String(r.right)); "
+    "document.body.setAttribute('data-box-right', String(box.getBoundingClientRect().right)); "
+    "document.body.setAttribute('data-box-overflow', String(box.scrollWidth - box.clientWidth)); "
+    "document.body.setAttribute('data-page-overflow', String(page.scrollWidth - page.clientWidth)); "
     "document.body.setAttribute('data-viewport', String(window.innerWidth)); });</script>"
 )
 
@@ -103,7 +109,8 @@ def test_at_1280_px_every_trials_column_and_the_last_report_link_are_in_view(
     workspace, tmp_path, monkeypatch
 ):
     monkeypatch.setattr("pipeline.report.trial.TRUE_ERROR_SAMPLE", 100_000)
-    cfg = tiny_study(trials=3)
+    # the demo's three searched params, so the table has the real set of columns
+    cfg = tiny_study(trials=3, search__weight_decay={"choices": [0.0, 1e-4, 1e-3, 1e-2]})
     real = __import__("pipeline.study.trial", fromlist=["build_models"]).build_models
     calls = {"n": 0}
 
@@ -129,3 +136,7 @@ def test_at_1280_px_every_trials_column_and_the_last_report_link_are_in_view(
     right = float(re.search(r'data-link-right="([0-9.]+)"', dom).group(1))
     viewport = float(re.search(r'data-viewport="([0-9.]+)"', dom).group(1))
     assert viewport == 1280 and 0 < right <= viewport
+    # in view without scrolling: the link inside the table's box, neither the box nor the page wider
+    assert right <= float(re.search(r'data-box-right="([0-9.]+)"', dom).group(1))
+    assert int(re.search(r'data-box-overflow="(-?[0-9]+)"', dom).group(1)) <= 0
+    assert int(re.search(r'data-page-overflow="(-?[0-9]+)"', dom).group(1)) <= 0
