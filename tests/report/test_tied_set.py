@@ -303,6 +303,8 @@ def test_the_page_lists_the_tied_set_and_the_comparison_across_seeds(seeded, tmp
     second, _ = _page(tmp_path / "b", seeded, cfg)
     assert first == second  # the same storage gives the same bytes
     text = first.decode()
+    assert f"with {K} seeds per trial, val_acc and test_error are means over the seeds" in text
+    assert "the interval is replicate 0's network's" in text  # never pinned on the mean
     ranked, oracle = _oracle(seeded)
     sel = ranked[0]
     n_tied = sum(tied for _, _, tied in oracle.values())
@@ -356,6 +358,7 @@ def test_with_one_seed_the_page_says_why_no_tied_set_can_be_stated(tmp_path):
     assert "<code>[training] seeds = K</code> with K ≥ 2" in text
     assert "<th>Holm-adjusted p</th>" not in text and "statistically tied with it</b>" not in text
     selected = storage.ranked_trials(study)[0].number
+    assert "are means over the seeds" not in text
     headline = f"<b>Selected trial {selected}; which configurations are statistically tied with it cannot"
     assert headline in text
     assert dataclasses.asdict(tiny_study().training)["seeds"] == 1
