@@ -95,6 +95,7 @@ dashboard: $(VENV)/.installed ## browse STUDY's Optuna storage in optuna-dashboa
 
 ui: $(VENV)/.installed ## open the MLflow UI over this project's runs on 127.0.0.1 (PORT=5000)
 	@mkdir -p mlruns
+	@echo "open http://127.0.0.1:$(PORT) and pick 'Model training' at the top of the sidebar for the runs tables (README: Start here)"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port $(PORT)
 
 test: $(VENV)/.installed ## run the test suite
