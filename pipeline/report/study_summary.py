@@ -236,11 +236,13 @@ class StudySummary:
 
 
 def test_set_looks(trials) -> int:
-    """Networks the trials evaluated on the test set: one per seed replicate of every trial that
-    reached the test stage (a trial from before replicates counts one)."""
+    """Networks the trials evaluated on the test set, in any state: each trial's ``test_looks``,
+    recorded when it tested (older trials: one per seed replicate of a trial with a test error)."""
     looks = 0
     for t in trials:
-        if "test_error" in t.user_attrs:
+        if isinstance(t.user_attrs.get("test_looks"), int):
+            looks += t.user_attrs["test_looks"]
+        elif "test_error" in t.user_attrs:
             k = t.user_attrs.get("replicates", 1)
             looks += k if isinstance(k, int) and k >= 1 else 1
     return looks

@@ -261,6 +261,9 @@ def finish_trial(
         tests = [
             evaluate(model, split.x_test, split.y_test, split.classes, cfg.training.loss) for model in models
         ]
+    # the test-set ledger, written the moment the networks saw the test set: a trial that fails
+    # after this point (report, tracking, a signal) still counts
+    trial.set_user_attr("test_looks", len(tests))
     objectives = [v.accuracy if cfg.objective == "val_acc" else v.loss for v in vals]
     replicates, mean_history = None, None
     if len(models) > 1:

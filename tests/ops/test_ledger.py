@@ -6,11 +6,13 @@ rerun's retrains — and the Bonferroni bound recomputed with that N.
 
 import json
 
+import optuna
 import pytest
 
 from pipeline.compare import bonferroni_clopper_pearson
 from pipeline.ops.rerun import run_rerun
 from pipeline.report.study_page import regenerate
+from pipeline.storage import StudyError, open_storage
 from tests.conftest import tiny_study
 
 
@@ -49,3 +51,27 @@ def test_test_looks_count_trials_replicates_and_reruns_and_a_report_adds_none(wo
     assert trial["test_m"] == selected["test_m"]
     page = (workspace["reports_root"] / "tiny" / "index.html").read_text()
     assert "looked at N = 7 times" in page
+
+
+def test_a_trial_that_fails_after_testing_still_counts(workspace, monkeypatch):
+    """The networks saw the test set even if the trial then fails (here in its report stage)."""
+    monkeypatch.setattr("pipeline.report.trial.TRUE_ERROR_SAMPLE", 100_000)  # not checked here
+    real = __import__("pipeline.study.trial", fromlist=["bounds_and_report"]).bounds_and_report
+    calls = {"n": 0}
+
+    def first_fails(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("pipeline.study.trial.bounds_and_report", first_fails)
+    cfg = tiny_study(trials=2, training__seeds=2)
+    with pytest.raises(StudyError, match="No space left on device"):
+        workspace.run(cfg)
+    workspace.run(cfg)  # resumes: the failed trial's parameters again, then the second trial
+    study = optuna.load_study(study_name="tiny", storage=open_storage(workspace["storage"]))
+    states = sorted(t.state.name for t in study.trials)
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"]
+    assert all(t.user_attrs["test_looks"] == 2 for t in study.trials)  # the failed one too
+    assert _summary(workspace)["test_looks"] == 3 * 2
