@@ -70,6 +70,7 @@ from pipeline.report.reruns import (
     load_predictions,
     params_text,
     predictions_name,
+    record_rerun_looks,
     save_history,
     save_predictions,
 )
@@ -240,6 +241,7 @@ def _rerun(
     ).info.run_id
     status = "FAILED"
     try:
+        record_rerun_looks(folder, date, len(seeds))  # the ledger first: these networks will see the test set
         results, logits = retrain(cfg, split, best.params, seeds)
         for res in results:
             log.info(

@@ -64,14 +64,38 @@ def save_history(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
     files.write_json(path, {"version": HISTORY_VERSION, "reruns": list(records)})
 
 
+LOOKS_FILE = "rerun-looks.json"  # the reruns' ledger: written before each retrain is tested
+
+
+def record_rerun_looks(reports_dir: Path, date: str, networks: int) -> None:
+    """Enter a rerun's ``networks`` in the ledger before they are trained and tested, so a rerun
+    that dies before its record still counts (one that dies before testing is over-counted: the
+    simultaneous bounds only get more cautious)."""
+    entries = _looks_entries(reports_dir)
+    files.write_json(reports_dir / LOOKS_FILE, {"looks": [*entries, {"date": date, "networks": networks}]})
+
+
+def _looks_entries(reports_dir: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads((reports_dir / LOOKS_FILE).read_text(encoding="utf-8"))
+        return [e for e in data["looks"] if isinstance(e, dict) and isinstance(e.get("networks"), int)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def rerun_looks(reports_dir: Path) -> int:
-    """Networks the reruns of a study retrained and evaluated on its test set: one per replicate
-    of every record (the ledger's rerun share; an unreadable history counts none)."""
+    """Networks the reruns of a study retrained and evaluated on its test set (the ledger's rerun
+    share): every ledger entry, plus one per replicate of each history record the ledger predates."""
+    entries = _looks_entries(reports_dir)
     try:
         history = load_history(reports_dir / HISTORY_FILE)
     except RerunError:
-        return 0
-    return sum(len(r.get("test_errors") or r.get("seeds") or ()) for r in history)
+        history = []
+    entered = {e.get("date") for e in entries}
+    older = sum(
+        len(r.get("test_errors") or r.get("seeds") or ()) for r in history if r.get("date") not in entered
+    )
+    return sum(e["networks"] for e in entries) + older
 
 
 def current_baseline(history: Sequence[Mapping[str, Any]]) -> int | None:

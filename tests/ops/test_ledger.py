@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.compare import bonferroni_clopper_pearson
 from pipeline.ops.rerun import run_rerun
+from pipeline.report.reruns import HISTORY_FILE, record_rerun_looks, rerun_looks, save_history
 from pipeline.report.study_page import regenerate
 from pipeline.storage import StudyError, open_storage
 from tests.conftest import tiny_study
@@ -75,3 +76,36 @@ def test_a_trial_that_fails_after_testing_still_counts(workspace, monkeypatch):
     assert states == ["COMPLETE", "COMPLETE", "FAIL"]
     assert all(t.user_attrs["test_looks"] == 2 for t in study.trials)  # the failed one too
     assert _summary(workspace)["test_looks"] == 3 * 2
+
+
+@pytest.mark.slow
+def test_a_rerun_that_dies_after_testing_still_counts(workspace, monkeypatch):
+    """The rerun's ledger entry is written before its retrains see the test set, not with its record."""
+    monkeypatch.setattr("pipeline.report.trial.TRUE_ERROR_SAMPLE", 100_000)  # not checked here
+    cfg = tiny_study(trials=1, rerun={"seeds": 3})
+    workspace.run(cfg)
+    kw = dict(storage=workspace["storage"], tracking_uri=workspace["tracking_uri"])
+    real = __import__("pipeline.ops.rerun", fromlist=["retrain"]).retrain
+
+    def tests_then_dies(*args, **kwargs):
+        real(*args, **kwargs)  # the three networks are trained and tested ...
+        raise MemoryError("killed after testing")  # ... and the rerun dies before its record
+
+    monkeypatch.setattr("pipeline.ops.rerun.retrain", tests_then_dies)
+    with pytest.raises(MemoryError):
+        run_rerun(cfg, reports_root=workspace["reports_root"], progress=False, **kw)
+    monkeypatch.setattr("pipeline.ops.rerun.retrain", real)
+    folder = workspace["reports_root"] / "tiny"
+    assert not (folder / HISTORY_FILE).exists()  # no record ...
+    assert rerun_looks(folder) == 3  # ... but counted
+    run_rerun(cfg, reports_root=workspace["reports_root"], progress=False, **kw)
+    assert (_summary(workspace)["test_looks"], _summary(workspace)["rerun_looks"]) == (1 + 3 + 3, 6)
+
+
+def test_records_from_before_the_ledger_still_count(tmp_path):
+    """A history written before the ledger file existed: each record's replicates count once."""
+    save_history(tmp_path / HISTORY_FILE, [{"date": "a", "seeds": [1, 2]}, {"date": "b", "seeds": [1, 2]}])
+    assert rerun_looks(tmp_path) == 4
+    record_rerun_looks(tmp_path, "b", 2)  # a ledger that started with record b
+    record_rerun_looks(tmp_path, "c", 5)  # and a rerun that died before its record
+    assert rerun_looks(tmp_path) == 2 + 2 + 5
