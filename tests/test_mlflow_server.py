@@ -5,6 +5,7 @@ artifact endpoints the UI itself calls). Oracles: Optuna's storage (params, per-
 counts) and the files the study wrote.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 import optuna
 import pytest
@@ -47,6 +50,40 @@ def _get(url: str) -> bytes:
         return response.read()
 
 
+@contextlib.contextmanager
+def mlflow_server(tracking_uri: str, folder: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """``mlflow server`` over ``tracking_uri`` on a free loopback port, logging to
+    ``folder/server.log``; yields its URL once /health answers; its process group is stopped after."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with open(folder / "server.log", "w") as log:
+        proc = subprocess.Popen(
+            command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            deadline = time.monotonic() + STARTUP_TIMEOUT
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"mlflow server exited with {proc.returncode}:\n{_tail(folder)}")
+                try:
+                    if _get(f"{url}/health").strip() == b"OK":
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server not ready after {STARTUP_TIMEOUT} s:\n{_tail(folder)}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            stop_group(proc)
+
+
+def _tail(folder: Path) -> str:
+    return (folder / "server.log").read_text()[-3000:]
+
+
 @pytest.fixture
 def server(workspace, monkeypatch):
     """A 2-trial study, then ``mlflow server`` over its store; the process group is killed after."""
@@ -55,35 +92,8 @@ def server(workspace, monkeypatch):
     )  # the true error is not checked here
     cfg = tiny_study(trials=2)
     workspace.run(cfg)
-    port = _free_port()
-    log = open(workspace["root"] / "server.log", "w")  # noqa: SIM115  (closed in the finally below)
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", workspace["tracking_uri"]]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    proc = subprocess.Popen(
-        command, cwd=workspace["root"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{_tail(workspace)}")
-            try:
-                if _get(f"{url}/health").strip() == b"OK":
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not ready after {STARTUP_TIMEOUT} s:\n{_tail(workspace)}")
-            time.sleep(0.5)
+    with mlflow_server(workspace["tracking_uri"], workspace["root"]) as url:
         yield {"url": url, "cfg": cfg, **workspace}
-    finally:
-        stop_group(proc)
-        log.close()
-
-
-def _tail(workspace) -> str:
-    return (workspace["root"] / "server.log").read_text()[-3000:]
 
 
 @pytest.mark.slow

@@ -11,9 +11,7 @@ import fcntl
 import json
 import os
 import select
-import shutil
 import subprocess
-import sys
 import time
 import tomllib
 import urllib.parse
@@ -24,20 +22,11 @@ from mlflow import MlflowClient
 
 from pipeline.config import parse_study
 from tests.conftest import TINY, with_changes
-from tests.test_mlflow_server import STARTUP_TIMEOUT, _free_port, _get, stop_group
+from tests.report.test_browser import CHROMIUM
+from tests.report.test_browser import FLAGS as BROWSER_FLAGS
+from tests.test_mlflow_server import mlflow_server, stop_group
 
-CHROMIUM = shutil.which("chromium")
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--hide-scrollbars",
-    "--window-size=1600,1000",
-]
+FLAGS = [*BROWSER_FLAGS, "--window-size=1600,1000"]
 WAIT = 90  # seconds for the app to draw what a check waits for (a few seconds on an idle machine)
 SEARCHED = ("lr", "momentum", "weight_decay")  # the demo's search space
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,41 +163,14 @@ def ui(workspace, tmp_path, monkeypatch):
         "pipeline.report.trial.TRUE_ERROR_SAMPLE", 100_000
     )  # the true error is not checked here
     workspace.run(demo_like())
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115  (closed in the finally below)
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", workspace["tracking_uri"]]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     # no job runner: its 8 huey consumers only slow a 2-core machine, and no page here needs one
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    browser = None
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"mlflow server exited with {server.returncode}:\n{_tail(tmp_path)}")
-            try:
-                if _get(f"{url}/health").strip() == b"OK":
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not ready after {STARTUP_TIMEOUT} s:\n{_tail(tmp_path)}")
-            time.sleep(0.5)
+    with mlflow_server(workspace["tracking_uri"], tmp_path, env) as url:
         browser = Chromium(tmp_path / "chromium-profile", tmp_path / "chromium.log")
-        yield {"url": url, "browser": browser, "client": MlflowClient(url)}
-    finally:
-        if browser is not None:
+        try:
+            yield {"url": url, "browser": browser, "client": MlflowClient(url)}
+        finally:
             browser.close()
-        stop_group(server)
-        log.close()
-
-
-def _tail(tmp_path) -> str:
-    return (tmp_path / "server.log").read_text()[-3000:]
 
 
 def _link(run_id: str) -> str:
