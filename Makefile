@@ -74,14 +74,14 @@ bench: $(VENV)/.installed ## time training, thread policies, whole processes, st
 	$(PY) -m pipeline bench $(BENCH)
 
 .PHONY: gpu-check
-gpu-check: $(VENV)/.installed ## on a CUDA device: oracles rerun there, trials/s one by one vs populations (reports/bench/gpu.md)
+gpu-check: $(VENV)/.installed ## on a CUDA device: oracles rerun there, trials/s one by one vs populations, a 16-trial study (reports/bench/gpu.md)
 	$(PY) scripts/gpu_check.py
 
 .PHONY: best studies delete dashboard
 best: $(VENV)/.installed ## print STUDY's selected trial: params, objective (mean over seeds), test error, report, weights
 	$(PY) -m pipeline best $(STUDY)
 
-studies: $(VENV)/.installed ## list every study in storage/ (and in $$OPTUNA_STORAGE): trials done/target, best, last update
+studies: $(VENV)/.installed ## list every study in storage/ (and in $OPTUNA_STORAGE): trials done/target, best, last update
 	$(PY) -m pipeline studies
 
 delete: $(VENV)/.installed ## remove STUDY's storage, MLflow experiment and reports (asks for YES=1)
