@@ -167,16 +167,11 @@ def _seeded_trial(params, objective, test_error):
     )
 
 
-@pytest.fixture
-def seeded():
-    """Trials 0 (A) and 1 (B): one distribution, different draws; trial 2 (C): 0.05 lower.
-
-    With no true difference Welch's p exceeds δ for about 90 % of draws, so one draw in ten would
-    separate the twins: the draws of generator seed 1 give them p = 0.43 (seed 0's give 0.0998).
-    """
+def _three_configurations(means):
+    """Trials 0-2 at lr 0.05, 0.1, 0.2: K seeds each of val_acc mean + N(0, 0.01²) (generator seed 1)."""
     rng = np.random.default_rng(1)
     study = optuna.create_study(study_name="tiny", direction="maximize")
-    for lr, mean in ((0.05, 0.90), (0.1, 0.90), (0.2, 0.85)):
+    for lr, mean in zip((0.05, 0.1, 0.2), means, strict=True):
         study.add_trial(
             _seeded_trial(
                 {"lr": lr, "momentum": 0.0},
@@ -185,6 +180,16 @@ def seeded():
             )
         )
     return study
+
+
+@pytest.fixture
+def seeded():
+    """Trials 0 (A) and 1 (B): one distribution, different draws; trial 2 (C): 0.05 lower.
+
+    With no true difference Welch's p exceeds δ for about 90 % of draws, so one draw in ten would
+    separate the twins: the draws of generator seed 1 give them p = 0.43 (seed 0's give 0.0998).
+    """
+    return _three_configurations((0.90, 0.90, 0.85))
 
 
 def _oracle(study):
@@ -227,16 +232,7 @@ def test_seed_noise_is_tied_and_a_real_difference_is_not(seeded):
 
 def test_a_configuration_better_by_far_more_than_seed_noise_has_no_tie():
     """Trial 2 is 0.05 better at SD 0.01 over 5 seeds: selected, and neither twin is tied with it."""
-    rng = np.random.default_rng(1)
-    study = optuna.create_study(study_name="tiny", direction="maximize")
-    for lr, mean in ((0.05, 0.85), (0.1, 0.85), (0.2, 0.90)):
-        study.add_trial(
-            _seeded_trial(
-                {"lr": lr, "momentum": 0.0},
-                mean + 0.01 * rng.standard_normal(K),
-                1 - mean + 0.01 * rng.standard_normal(K),
-            )
-        )
+    study = _three_configurations((0.85, 0.85, 0.90))
     summary = summarize_study(study, tiny_study(training__seeds=K), {})
     ranked, oracle = _oracle(study)
     assert summary.selected == ranked[0].number == 2
